@@ -1,0 +1,48 @@
+"""classic-cnn: a classic convolutional neural network from first principles on NumPy."""
+
+from .layers import (
+    ELU,
+    AvgPool2D,
+    BatchNorm,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    LeakyReLU,
+    MaxPool2D,
+    ReLU,
+    Sigmoid,
+    Softmax,
+    Tanh,
+)
+from .losses import CrossEntropyLoss, MSELoss
+from .model import Sequential, gradient_check
+from .optim import SGD, Adam, AdamW, CosineDecay, StepDecay
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ELU",
+    "SGD",
+    "Adam",
+    "AdamW",
+    "AvgPool2D",
+    "BatchNorm",
+    "Conv2D",
+    "CosineDecay",
+    "CrossEntropyLoss",
+    "Dense",
+    "Dropout",
+    "Flatten",
+    "LeakyReLU",
+    "MSELoss",
+    "MaxPool2D",
+    "ReLU",
+    "Sequential",
+    "Sigmoid",
+    "Softmax",
+    "StepDecay",
+    "Tanh",
+    "__version__",
+    "gradient_check",
+]

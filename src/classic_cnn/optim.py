@@ -1,0 +1,228 @@
+"""Optimizers (how a gradient becomes a weight update) and learning-rate schedules.
+
+An optimizer's :meth:`Optimizer.step` takes two dicts with the same keys, parameters and their
+gradients (``model.parameters()`` and ``model.gradients()``), and updates the parameters in
+place. Its state (momentum buffers, Adam's moments, the step count) is keyed by parameter
+name and can be saved with :meth:`Optimizer.state_dict`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+
+def _check(value, arg: str, low: float, high: float = math.inf, low_open=False) -> float:
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value <= high
+    ok = ok and (value > low if low_open else value >= low)
+    if not ok:
+        bound = f"{'>' if low_open else '≥'} {low}" + (f" and ≤ {high}" if high < math.inf else "")
+        raise ValueError(f"{arg} must be a number {bound}. Received: {arg}={value!r}")
+    return float(value)
+
+
+class Optimizer:
+    def __init__(self, lr: float):
+        self.lr = _check(lr, "lr", 0.0, low_open=True)
+        self.iterations = 0
+        self.state: dict[str, dict[str, np.ndarray]] = {}
+
+    def step(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray]) -> None:
+        missing = set(params) - set(grads)
+        if missing:
+            raise ValueError(
+                f"no gradient for {sorted(missing)}: call model.backward() before step(). "
+                f"Received gradients for: {sorted(grads)}"
+            )
+        self.iterations += 1
+        for name, p in params.items():
+            self._update(name, p, grads[name])
+
+    def _update(self, name: str, p: np.ndarray, g: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return {"lr": self.lr}
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: config, step count and per-parameter state."""
+        return {
+            "config": self.get_config(),
+            "iterations": self.iterations,
+            "state": {n: {k: v.copy() for k, v in s.items()} for n, s in self.state.items()},
+        }
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.lr = float(sd["config"]["lr"])
+        self.iterations = int(sd["iterations"])
+        self.state = {n: {k: np.array(v) for k, v in s.items()} for n, s in sd["state"].items()}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, PyTorch's form.
+
+    Plain: ``w ← w − lr·g`` with ``g = dL/dW`` — exactly, nothing else added.
+    Weight decay (L2): ``g ← g + weight_decay·w``.
+    Momentum μ: ``v ← μ·v + g``, ``w ← w − lr·v``; Nesterov: ``w ← w − lr·(g + μ·v)``.
+    """
+
+    def __init__(
+        self, lr: float = 0.01, momentum: float = 0.0, nesterov: bool = False, weight_decay=0.0
+    ):
+        super().__init__(lr)
+        self.momentum = _check(momentum, "momentum", 0.0, 1.0)
+        self.weight_decay = _check(weight_decay, "weight_decay", 0.0)
+        if nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0. Received: momentum=0, nesterov=True")
+        self.nesterov = bool(nesterov)
+
+    def _update(self, name, p, g):
+        if self.weight_decay:
+            g = g + self.weight_decay * p
+        if self.momentum:
+            s = self.state.setdefault(name, {})
+            if "velocity" not in s:
+                s["velocity"] = g.copy()  # PyTorch starts the buffer at the first gradient
+            else:
+                v = s["velocity"]
+                v *= self.momentum
+                v += g
+            v = s["velocity"]
+            g = g + self.momentum * v if self.nesterov else v
+        p -= self.lr * g
+
+    def get_config(self):
+        return {
+            "lr": self.lr,
+            "momentum": self.momentum,
+            "nesterov": self.nesterov,
+            "weight_decay": self.weight_decay,
+        }
+
+
+class Adam(Optimizer):
+    """Adam: per-weight steps from running means of the gradient and its square.
+
+    ``m ← β₁m + (1−β₁)g``, ``v ← β₂v + (1−β₂)g²``,
+    ``w ← w − lr · (m / (1−β₁ᵗ)) / (sqrt(v / (1−β₂ᵗ)) + eps)``.
+    ``weight_decay`` is L2 (added to the gradient, as PyTorch's Adam); see :class:`AdamW`.
+    """
+
+    decoupled = False
+
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
+        super().__init__(lr)
+        self.beta1 = _check(beta1, "beta1", 0.0, 1.0)
+        self.beta2 = _check(beta2, "beta2", 0.0, 1.0)
+        self.eps = _check(eps, "eps", 0.0, low_open=True)
+        self.weight_decay = _check(weight_decay, "weight_decay", 0.0)
+
+    def _update(self, name, p, g):
+        if self.weight_decay:
+            if self.decoupled:
+                p -= (self.lr * self.weight_decay) * p
+            else:
+                g = g + self.weight_decay * p
+        s = self.state.setdefault(name, {})
+        if "m" not in s:
+            s["m"] = np.zeros_like(p)
+            s["v"] = np.zeros_like(p)
+        m, v = s["m"], s["v"]
+        m *= self.beta1
+        m += (1 - self.beta1) * g
+        v *= self.beta2
+        v += (1 - self.beta2) * g * g
+        t = self.iterations
+        bias1 = 1 - self.beta1**t
+        bias2 = 1 - self.beta2**t
+        denom = np.sqrt(v) / math.sqrt(bias2) + self.eps
+        p -= (self.lr / bias1) * (m / denom)
+
+    def get_config(self):
+        return {
+            "lr": self.lr,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "eps": self.eps,
+            "weight_decay": self.weight_decay,
+        }
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay: ``w ← w − lr·weight_decay·w`` before the Adam step."""
+
+    decoupled = True
+
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01):
+        super().__init__(lr, beta1, beta2, eps, weight_decay)
+
+
+OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+# --------------------------------------------------------------------------------------------
+# Learning-rate schedules: callables from an epoch (or step) number, counted from 0, to a lr.
+# --------------------------------------------------------------------------------------------
+
+
+class Schedule:
+    def __call__(self, t: int) -> float:
+        raise NotImplementedError
+
+    def get_config(self) -> dict:
+        return dict(vars(self))
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ConstantLR(Schedule):
+    def __init__(self, lr: float):
+        self.lr = _check(lr, "lr", 0.0, low_open=True)
+
+    def __call__(self, t):
+        return self.lr
+
+
+class StepDecay(Schedule):
+    """``lr · gamma^(t // step_size)``: multiply by ``gamma`` every ``step_size`` epochs."""
+
+    def __init__(self, lr: float, step_size: int, gamma: float = 0.1):
+        self.lr = _check(lr, "lr", 0.0, low_open=True)
+        if not isinstance(step_size, numbers.Integral) or step_size < 1:
+            raise ValueError(
+                f"step_size must be a positive int. Received: step_size={step_size!r}"
+            )
+        self.step_size = int(step_size)
+        self.gamma = _check(gamma, "gamma", 0.0, low_open=True)
+
+    def __call__(self, t):
+        return self.lr * self.gamma ** (t // self.step_size)
+
+
+class CosineDecay(Schedule):
+    """Linear warm-up over ``warmup`` steps, then half a cosine from ``lr`` to ``min_lr`` at
+    ``total``: ``min_lr + (lr − min_lr)·(1 + cos(π·progress)) / 2``."""
+
+    def __init__(self, lr: float, total: int, min_lr: float = 0.0, warmup: int = 0):
+        self.lr = _check(lr, "lr", 0.0, low_open=True)
+        if not isinstance(total, numbers.Integral) or total < 1:
+            raise ValueError(f"total must be a positive int. Received: total={total!r}")
+        if not isinstance(warmup, numbers.Integral) or not 0 <= warmup < total:
+            raise ValueError(f"warmup must be an int in [0, total). Received: warmup={warmup!r}")
+        self.total = int(total)
+        self.min_lr = _check(min_lr, "min_lr", 0.0, self.lr)
+        self.warmup = int(warmup)
+
+    def __call__(self, t):
+        if t < self.warmup:
+            return self.lr * (t + 1) / self.warmup
+        progress = min((t - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
