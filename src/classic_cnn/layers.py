@@ -32,9 +32,7 @@ def _pair(value, arg: str, allow_zero: bool = False) -> tuple[int, int]:
     )
     if not ok:
         need = "non-negative" if allow_zero else "positive"
-        raise ValueError(
-            f"{arg} must be a {need} int or a pair of them. Received: {arg}={value!r}"
-        )
+        raise ValueError(f"{arg} must be a {need} int or a pair of them. Received: {arg}={value!r}")
     return int(pair[0]), int(pair[1])
 
 
@@ -176,7 +174,8 @@ class Conv2D(Layer):
                 )
         elif not isinstance(padding, numbers.Integral) or isinstance(padding, bool) or padding < 0:
             raise ValueError(
-                f"padding must be 'valid', 'same' or a non-negative int. Received: padding={padding!r}"
+                "padding must be 'valid', 'same' or a non-negative int. "
+                f"Received: padding={padding!r}"
             )
         else:
             padding = int(padding)
@@ -499,9 +498,7 @@ class BatchNorm(Layer):
         return y
 
     def backward(self, dy):
-        dx, self.grads["gamma"], self.grads["beta"] = ops.batchnorm_backward(
-            dy, self._need_cache()
-        )
+        dx, self.grads["gamma"], self.grads["beta"] = ops.batchnorm_backward(dy, self._need_cache())
         return dx
 
     def get_config(self):

@@ -267,7 +267,8 @@ class Sequential:
 
         def fmt(r):
             return "  ".join(
-                c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))
+                c.rjust(w) if i >= 3 else c.ljust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
             ).rstrip()
 
         rule = "-" * len(fmt(head))

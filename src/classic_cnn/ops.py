@@ -237,7 +237,7 @@ def maxpool2d_forward(
     Returns ``y`` of shape (N, H', W', C) and a cache ``(x, y, pool_size, stride)``.
     """
     ph, pw = pool_size
-    n, h, w, c = x.shape
+    h, w = x.shape[1:3]
     oh, ow = output_size(h, ph, stride), output_size(w, pw, stride)
     y = None
     for _, _, rows, cols in _window_slices(ph, pw, stride, oh, ow):

@@ -197,9 +197,7 @@ class StepDecay(Schedule):
     def __init__(self, lr: float, step_size: int, gamma: float = 0.1):
         self.lr = _check(lr, "lr", 0.0, low_open=True)
         if not isinstance(step_size, numbers.Integral) or step_size < 1:
-            raise ValueError(
-                f"step_size must be a positive int. Received: step_size={step_size!r}"
-            )
+            raise ValueError(f"step_size must be a positive int. Received: step_size={step_size!r}")
         self.step_size = int(step_size)
         self.gamma = _check(gamma, "gamma", 0.0, low_open=True)
 
