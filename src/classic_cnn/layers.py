@@ -64,20 +64,19 @@ class Layer:
     def build(self, input_shape: tuple[int, ...], rng: np.random.Generator, dtype) -> None:
         """Create parameters for a per-image ``input_shape``; checks the shape first."""
         input_shape = tuple(int(s) for s in input_shape)
-        self._check_shape(input_shape)
+        self._check_shape(input_shape, f"input shape {input_shape} per image")
         self.input_shape = input_shape
         self._build(input_shape, rng, np.dtype(dtype))
 
     def _build(self, input_shape, rng, dtype) -> None:
         pass
 
-    def _check_shape(self, shape: tuple[int, ...]) -> None:
+    def _check_shape(self, shape: tuple[int, ...], received: str) -> None:
         """Raise ValueError naming the expected and the received shape."""
         if self.input_rank is not None and len(shape) != self.input_rank:
             want = "(H, W, C)" if self.input_rank == 3 else "(features,)"
             raise ValueError(
-                f"{self._label()} expects each input to have shape {want}. "
-                f"Received: input shape {shape}"
+                f"{self._label()} expects each input to have shape {want}. Received: {received}"
             )
 
     def _label(self) -> str:
@@ -91,13 +90,15 @@ class Layer:
             )
         if self.input_rank is not None and x.ndim != self.input_rank + 1:
             want = "(N, H, W, C)" if self.input_rank == 3 else "(N, features)"
+            hint = "; put a Flatten layer before it" if self.input_rank == 1 else ""
             raise ValueError(
-                f"{self._label()} expects a batch of shape {want}. Received: input shape {x.shape}"
+                f"{self._label()} expects a batch of shape {want}{hint}. "
+                f"Received: input shape {x.shape}"
             )
         if self.input_shape is None:  # used on its own: build from the first input
             self.build(x.shape[1:], np.random.default_rng(0), x.dtype)
             return
-        self._check_shape(tuple(x.shape[1:]))
+        self._check_shape(tuple(x.shape[1:]), f"input shape {x.shape}")
 
     # -- computing ----------------------------------------------------------------------
     def forward(self, x: np.ndarray, training: bool = False) -> np.ndarray:
@@ -192,20 +193,20 @@ class Conv2D(Layer):
         """Explicit ``((top, bottom), (left, right))`` padding for an input of size ``in_hw``."""
         return ops.resolve_padding(self.padding, in_hw, self.kernel_size, self.stride)
 
-    def _check_shape(self, shape):
-        super()._check_shape(shape)
+    def _check_shape(self, shape, received):
+        super()._check_shape(shape, received)
         h, w, c = shape
         if self.input_shape is not None and c != self.input_shape[2]:
             raise ValueError(
                 f"{self._label()} expects {self.input_shape[2]} input channels "
-                f"(input shape (N, H, W, {self.input_shape[2]})). Received: input shape {shape}"
+                f"(input shape (N, H, W, {self.input_shape[2]})). Received: {received}"
             )
         (pt, pb), (pl, pr) = self.pads((h, w))
         kh, kw = self.kernel_size
         if h + pt + pb < kh or w + pl + pr < kw:
             raise ValueError(
                 f"{self._label()}: the input is smaller than the {kh}×{kw} kernel "
-                f"(padding {self.padding!r}). Received: input shape {shape}"
+                f"(padding {self.padding!r}). Received: {received}"
             )
 
     def _build(self, input_shape, rng, dtype):
@@ -274,14 +275,14 @@ class _Pool2D(Layer):
             stride = self.pool_size[0]
         self.stride = _positive_int(stride, "stride")
 
-    def _check_shape(self, shape):
-        super()._check_shape(shape)
+    def _check_shape(self, shape, received):
+        super()._check_shape(shape, received)
         h, w, _ = shape
         ph, pw = self.pool_size
         if h < ph or w < pw:
             raise ValueError(
                 f"{self._label()}: the input is smaller than the {ph}×{pw} window. "
-                f"Received: input shape {shape}"
+                f"Received: {received}"
             )
 
     def output_shape(self, input_shape):
@@ -369,16 +370,16 @@ class Dense(Layer):
             )
         self.kernel_initializer = kernel_initializer
 
-    def _check_shape(self, shape):
+    def _check_shape(self, shape, received):
         if len(shape) != 1:
             raise ValueError(
                 f"{self._label()} expects (N, features) inputs; put a Flatten layer before it. "
-                f"Received: input shape {shape}"
+                f"Received: {received}"
             )
         if self.input_shape is not None and shape != self.input_shape:
             raise ValueError(
                 f"{self._label()} expects {self.input_shape[0]} input features. "
-                f"Received: input shape {shape}"
+                f"Received: {received}"
             )
 
     def _build(self, input_shape, rng, dtype):
@@ -464,16 +465,15 @@ class BatchNorm(Layer):
         self.momentum = float(momentum)
         self.eps = float(eps)
 
-    def _check_shape(self, shape):
+    def _check_shape(self, shape, received):
         if len(shape) not in (1, 3):
             raise ValueError(
                 f"{self._label()} expects (N, H, W, C) or (N, features) inputs. "
-                f"Received: input shape {shape}"
+                f"Received: {received}"
             )
         if self.input_shape is not None and shape[-1] != self.input_shape[-1]:
             raise ValueError(
-                f"{self._label()} expects {self.input_shape[-1]} channels. "
-                f"Received: input shape {shape}"
+                f"{self._label()} expects {self.input_shape[-1]} channels. Received: {received}"
             )
 
     def _build(self, input_shape, rng, dtype):
