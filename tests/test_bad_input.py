@@ -81,7 +81,7 @@ def test_labels_out_of_range_and_wrong_count():
     loss = cc.CrossEntropyLoss()
     with pytest.raises(ValueError, match=r"\[0, 2\].*from 0 to 3"):
         loss.forward(np.zeros((2, 3)), np.array([0, 3]))
-    with pytest.raises(ValueError, match="expected 2 labels.*3 labels"):
+    with pytest.raises(ValueError, match=r"expected 2 labels.*3 labels"):
         loss.forward(np.zeros((2, 3)), np.array([0, 1, 2]))
 
 

@@ -102,7 +102,7 @@ def test_max_pool_ties_send_gradient_to_first_in_row_major_order(rng, pool, stri
 
 def test_all_equal_window_gives_gradient_to_top_left():
     x = np.full((1, 2, 2, 1), 7.0)
-    y, cache = ops.maxpool2d_forward(x, (2, 2), 2)
+    _, cache = ops.maxpool2d_forward(x, (2, 2), 2)
     dx = ops.maxpool2d_backward(np.array([[[[5.0]]]]), cache)
     np.testing.assert_array_equal(dx[0, :, :, 0], [[5.0, 0.0], [0.0, 0.0]])
 
