@@ -1,0 +1,87 @@
+"""The benchmark's NumPy side, run for a couple of tiny steps so that benchmarks/bench_engine.py
+cannot rot unnoticed. PyTorch is made unimportable here: the suite needs no ``bench`` extra."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """bench_engine imported fresh, with ``import torch`` and ``import threadpoolctl`` failing."""
+    monkeypatch.setitem(sys.modules, "torch", None)  # None in sys.modules: ImportError on import
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)
+    spec = importlib.util.spec_from_file_location("bench_engine_under_test", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_lenet_is_the_classic_lenet5(bench):
+    model = bench.build_lenet(seed=0)
+    assert model.count_params() == bench.LENET5_PARAMS == 61_706
+    assert model.output_shape == (10,)
+    shapes = [row["output_shape"] for row in model.summary_rows()]
+    conv_pool = [(28, 28, 6), (28, 28, 6), (14, 14, 6), (10, 10, 16), (10, 10, 16), (5, 5, 16)]
+    assert shapes[:7] == [*conv_pool, (400,)]
+
+
+@pytest.mark.parametrize("kind", ["train", "infer"])
+def test_numpy_side_measures_a_positive_finite_throughput(bench, kind):
+    model = bench.build_lenet(seed=0)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    batches = bench.make_batches(batch=4, count=2, seed=0)
+    work = bench.ours_workload(model, kind, batches)
+    result = bench.measure({"ours": work}, repeats=2, min_time=1e-4, warmup_time=0.0)["ours"]
+
+    rates = result["img_per_s"]
+    assert len(rates["samples"]) == 2
+    assert all(math.isfinite(r) and r > 0 for r in rates["samples"])
+    assert rates["min"] <= rates["median"] <= rates["max"]
+    assert result["steps_per_repeat"] >= 1
+    assert 0 < result["seconds_per_step_median"] < math.inf
+    changed = any(not np.array_equal(before[k], v) for k, v in model.parameters().items())
+    if kind == "train":
+        assert changed, "training steps did not update the weights"
+        assert len(work.losses) >= 3 and all(math.isfinite(v) for v in work.losses)
+    else:
+        assert not changed, "inference changed the weights"
+        probs = work.step()
+        assert probs.shape == (4, 10)
+        np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
+    assert "torch" not in sys.modules or sys.modules["torch"] is None
+
+
+def test_table_formats_results(bench):
+    sample = {"median": 100.0, "min": 90.0, "max": 110.0, "q1": 95.0, "q3": 105.0}
+    side = {"steps_per_repeat": 3, "seconds_per_step_median": 0.01, "img_per_s": sample}
+    results = [
+        {
+            "key": "train64",
+            "label": "training step",
+            "kind": "train",
+            "batch": 64,
+            "ours": side,
+            "torch": side,
+            "ratio_median": 1.0,
+            "ratio_paired_min": 0.9,
+            "ratio_paired_max": 1.1,
+        }
+    ]
+    table = bench.format_table(results)
+    assert "training step" in table and "1.00" in table and "0.90–1.10" in table
+
+
+def test_without_torch_main_says_to_run_make_bench(bench):
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--quick"])
+    assert "make bench" in str(exc.value.code)
