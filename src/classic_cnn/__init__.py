@@ -1,5 +1,6 @@
 """classic-cnn: a classic convolutional neural network from first principles on NumPy."""
 
+from .io import load, save
 from .layers import (
     ELU,
     AvgPool2D,
@@ -16,8 +17,10 @@ from .layers import (
     Tanh,
 )
 from .losses import CrossEntropyLoss, MSELoss
+from .metrics import evaluate
 from .model import Sequential, gradient_check
 from .optim import SGD, Adam, AdamW, CosineDecay, StepDecay
+from .train import fit
 
 __version__ = "0.1.0"
 
@@ -44,5 +47,9 @@ __all__ = [
     "StepDecay",
     "Tanh",
     "__version__",
+    "evaluate",
+    "fit",
     "gradient_check",
+    "load",
+    "save",
 ]

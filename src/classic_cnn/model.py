@@ -50,6 +50,10 @@ class Sequential:
         self.input_shape = shape
         self.seed = seed
         self.name = name or "sequential"
+        #: set by training or loading: class names, and how uint8 images become inputs
+        self.classes: list[str] | None = None
+        self.preprocessing = None  # a classic_cnn.data.batches.Preprocessing
+        self.metadata: dict = {}
         init_seq, dropout_seq = np.random.SeedSequence(seed).spawn(2)
         self.init_rng = np.random.default_rng(init_seq)
         self.dropout_rng = np.random.default_rng(dropout_seq)
@@ -84,6 +88,15 @@ class Sequential:
     # -- computing --------------------------------------------------------------------------
     def _as_batch(self, x) -> np.ndarray:
         x = np.asarray(x)
+        if x.dtype == np.uint8 and self.preprocessing is not None:
+            # raw images (N×H×W×C, 0–255): convert and normalise as in training
+            from .data.batches import convert_images
+
+            if x.ndim == 3:
+                x = x[..., None]
+            if x.ndim == 4:
+                prep = self.preprocessing
+                x = prep.apply(convert_images(x, prep.input_shape, prep.background), self.dtype)
         if x.ndim != len(self.input_shape) + 1 or x.shape[1:] != self.input_shape:
             raise ValueError(
                 f"model '{self.name}' expects a batch of shape "

@@ -1,0 +1,312 @@
+"""The training loop: epochs of forward → loss → backward → update, with a live view.
+
+:func:`fit` trains a model on a :class:`~classic_cnn.data.Dataset` (or ``(images, labels)``
+arrays) and returns the :class:`TrainingState`, the one object that holds everything training
+has: model, optimizer (with its state), loss, each purpose's random Generator, epoch, step,
+history and the best epoch's weights.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .data.batches import Augment, Preprocessing, convert_images, iterate_batches
+from .data.dataset import Dataset
+from .losses import Loss, get_loss
+from .metrics import evaluate
+from .model import Sequential
+from .optim import SGD, Adam, Optimizer
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainingState:
+    """Everything a training run holds; enough to continue it exactly."""
+
+    model: Sequential
+    optimizer: Optimizer
+    loss: Loss
+    rngs: dict[str, np.random.Generator]
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps taken
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    best_val_loss: float = math.inf
+    best_weights: dict[str, np.ndarray] | None = None
+    stopped_early: bool = False
+
+    def rng_states(self) -> dict:
+        return {k: g.bit_generator.state for k, g in self.rngs.items()}
+
+    def set_rng_states(self, states: dict) -> None:
+        for k, s in states.items():
+            self.rngs[k].bit_generator.state = s
+
+
+def _as_arrays(data) -> tuple[np.ndarray, np.ndarray]:
+    if isinstance(data, Dataset):
+        return data.images, data.labels
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        x, y = np.asarray(data[0]), np.asarray(data[1])
+        if len(x) != len(y):
+            raise ValueError(
+                f"expected as many labels as images. Received: {len(x)} images, {len(y)} labels"
+            )
+        return x, y
+    raise ValueError(
+        "training data must be a Dataset or an (images, labels) pair. "
+        f"Received: {type(data).__name__}"
+    )
+
+
+def make_optimizer(name: str, lr: float | None = None) -> Optimizer:
+    """'sgd' (momentum 0.9, Nesterov) or 'adam', with a sensible default learning rate."""
+    if name == "sgd":
+        return SGD(lr or 0.05, momentum=0.9, nesterov=True)
+    if name == "adam":
+        return Adam(lr or 1e-3)
+    raise ValueError(f"optimizer must be 'sgd' or 'adam'. Received: {name!r}")
+
+
+def fit(
+    model: Sequential,
+    train,
+    val=None,
+    *,
+    epochs: int = 10,
+    batch_size: int = 64,
+    optimizer: Optimizer | str = "adam",
+    loss: Loss | str = "cross-entropy",
+    schedule: Callable[[int], float] | None = None,
+    seed: int = 0,
+    augment: Augment | None = None,
+    early_stopping: int | None = None,
+    restore_best: bool = True,
+    callbacks: Sequence[Callable[[TrainingState, dict], object]] = (),
+    progress: bool | None = None,
+    console=None,
+    state: TrainingState | None = None,
+) -> TrainingState:
+    """Train ``model`` on ``train``; check it on ``val`` after each epoch.
+
+    Parameters
+    ----------
+    train, val : Dataset or (images, labels). uint8 images are converted to the model's input
+        (size, channels) and normalised with the mean/std of ``train`` (recorded in
+        ``model.preprocessing``); float images are used as given.
+    epochs, batch_size : how long, in how large steps
+    optimizer : an Optimizer, or 'sgd' / 'adam'
+    loss : a Loss, or 'cross-entropy' / 'mse'
+    schedule : epoch → learning rate (e.g. ``CosineDecay``); None keeps the optimizer's
+    seed : seeds shuffling and augmentation (independent streams); dropout uses the model's
+    augment : random shifts / flips of the training images, or None
+    early_stopping : stop after this many epochs without a lower validation loss
+    restore_best : end with the weights of the epoch with the lowest validation loss
+    callbacks : called as ``cb(state, row)`` after each epoch; returning "stop" ends training
+    progress : live progress bar (default: when the console is a terminal); else one line per
+        epoch
+    state : continue from this training state instead of starting afresh
+    """
+    from rich.console import Console
+
+    console = console or Console()
+    if progress is None:
+        progress = console.is_terminal
+    loss = get_loss(loss)
+    model.check_loss(loss)
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive int. Received: epochs={epochs!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int. Received: batch_size={batch_size!r}")
+
+    x, y = _as_arrays(train)
+    if isinstance(train, Dataset):
+        if model.preprocessing is None:
+            model.preprocessing = Preprocessing.from_dataset(train, model.input_shape)
+        model.classes = model.classes or list(train.classes)
+    prep = model.preprocessing
+    if x.dtype == np.uint8 and prep is not None:
+        x = convert_images(x, prep.input_shape, prep.background)
+    if val is not None:
+        xv, yv = _as_arrays(val)
+        if xv.dtype == np.uint8 and prep is not None:
+            xv = convert_images(xv, prep.input_shape, prep.background)
+
+    if state is None:
+        shuffle_seq, augment_seq = np.random.SeedSequence(seed).spawn(2)
+        opt = make_optimizer(optimizer) if isinstance(optimizer, str) else optimizer
+        state = TrainingState(
+            model,
+            opt,
+            loss,
+            {
+                "shuffle": np.random.default_rng(shuffle_seq),
+                "augment": np.random.default_rng(augment_seq),
+                "dropout": model.dropout_rng,
+            },
+        )
+    opt = state.optimizer
+    n = len(x)
+    steps_per_epoch = math.ceil(n / batch_size)
+    _print_header(console, progress)
+    for epoch in range(state.epoch, epochs):
+        if schedule is not None:
+            opt.lr = float(schedule(epoch))
+        t0 = time.perf_counter()
+        seen = correct = 0
+        total_loss = 0.0
+        bar = _Bar(console, epoch, epochs, steps_per_epoch) if progress else None
+        try:
+            batches = iterate_batches(
+                x,
+                y,
+                batch_size,
+                state.rngs["shuffle"],
+                prep,
+                augment,
+                state.rngs["augment"],
+                model.dtype,
+            )
+            for xb, yb in batches:
+                logits = model.forward(xb, training=True)
+                value = loss.forward(logits, yb)
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"the loss became {value} at epoch {epoch + 1}, step {state.step + 1}: "
+                        f"the learning rate ({opt.lr:g}) is probably too high"
+                    )
+                model.backward(loss.backward(), input_grad=False)
+                opt.step(model.parameters(), model.gradients())
+                state.step += 1
+                seen += len(yb)
+                correct += int((logits.argmax(axis=1) == yb).sum())
+                total_loss += value * len(yb)
+                if bar:
+                    bar.update(seen, total_loss / seen, correct / seen, time.perf_counter() - t0)
+        finally:
+            if bar:
+                bar.close()
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": total_loss / seen,
+            "train_accuracy": correct / seen,
+            "val_loss": math.nan,
+            "val_accuracy": math.nan,
+            "lr": opt.lr,
+            "seconds": 0.0,
+            "images_per_second": 0.0,
+        }
+        if val is not None:
+            result = evaluate(model, (xv, yv), loss=loss)
+            row["val_loss"], row["val_accuracy"] = result["loss"], result["accuracy"]
+        row["seconds"] = time.perf_counter() - t0
+        row["images_per_second"] = seen / row["seconds"]
+        state.history.append(row)
+        state.epoch = epoch + 1
+        _print_row(console, row, epochs, progress)
+        if val is not None and row["val_loss"] < state.best_val_loss:
+            state.best_val_loss, state.best_epoch = row["val_loss"], epoch + 1
+            state.best_weights = model.state_dict()
+        stop = any(cb(state, row) == "stop" for cb in callbacks)
+        if (
+            early_stopping
+            and state.best_epoch is not None
+            and state.epoch - state.best_epoch >= early_stopping
+        ):
+            console.print(
+                f"early stopping: no lower validation loss for {early_stopping} epochs "
+                f"(best: epoch {state.best_epoch})"
+            )
+            state.stopped_early = True
+            stop = True
+        if stop:
+            break
+    if restore_best and state.best_weights is not None and state.best_epoch != state.epoch:
+        model.load_state_dict(state.best_weights)
+        console.print(f"kept the weights of epoch {state.best_epoch} (lowest validation loss)")
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# What the person sees
+# --------------------------------------------------------------------------------------------
+
+_COLUMNS = "epoch   train loss  train acc   val loss    val acc         lr     time    img/s"
+
+
+def _print_header(console, progress):
+    console.print(_COLUMNS, style="bold" if progress else None, highlight=False)
+
+
+def _fmt(v, pct=False):
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "—"
+    return f"{100 * v:.2f}%" if pct else f"{v:.4f}"
+
+
+def _print_row(console, row, epochs, progress):
+    width = len(str(epochs))
+    text = (
+        f"{row['epoch']:>{width}}/{epochs:<{width}}".ljust(7)
+        + f"{_fmt(row['train_loss']):>11}{_fmt(row['train_accuracy'], True):>11}"
+        + f"{_fmt(row['val_loss']):>11}{_fmt(row['val_accuracy'], True):>11}"
+        + f"{row['lr']:>11.3g}{row['seconds']:>8.1f}s{row['images_per_second']:>9.0f}"
+    )
+    console.print(text, highlight=False)
+
+
+class _Bar:
+    """A rich progress bar for one epoch: loss, accuracy, img/s and time left."""
+
+    def __init__(self, console, epoch, epochs, steps):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn(f"epoch {epoch + 1}/{epochs}"),
+            BarColumn(),
+            TextColumn("{task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+        self.task = self.progress.add_task("train", total=steps, stats="")
+        self.progress.start()
+        self.last = 0.0
+
+    def update(self, seen, loss, acc, elapsed):
+        if elapsed - self.last < 0.1:  # redraw at most ten times a second
+            self.progress.advance(self.task)
+            return
+        self.last = elapsed
+        stats = f"loss {loss:.4f}  acc {100 * acc:5.2f}%  {seen / max(elapsed, 1e-9):,.0f} img/s"
+        self.progress.update(self.task, advance=1, stats=stats)
+
+    def close(self):
+        self.progress.stop()
+
+
+def write_history(run_dir: Path, history: list[dict]) -> None:
+    """history.csv and history.json in the run folder (written atomically)."""
+    from .io import atomic_write_bytes
+
+    run_dir = Path(run_dir)
+    atomic_write_bytes(run_dir / "history.json", json.dumps(history, indent=1).encode())
+    import io as _io
+
+    buf = _io.StringIO()
+    if history:
+        w = csv.DictWriter(buf, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+    atomic_write_bytes(run_dir / "history.csv", buf.getvalue().encode())

@@ -1,0 +1,190 @@
+"""fit(): learning, the per-epoch record, determinism, early stopping, divergence."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from rich.console import Console
+
+import classic_cnn as cc
+from classic_cnn.data import Dataset
+from classic_cnn.data.batches import Augment
+from classic_cnn.train import TrainingDiverged, fit, write_history
+
+
+def bars(n=240, seed=0, size=12):
+    """Light bars on a dark background in one of three places: a learnable task."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    x = (rng.random((n, size, size, 1)) * 60).astype(np.uint8)
+    for i, lab in enumerate(labels):
+        x[i, 4 * lab : 4 * lab + 4, :, 0] = 200
+    return Dataset(x, labels, ["top", "middle", "bottom"], name="bars")
+
+
+def small_model(seed=0, dropout=0.0):
+    layers = [cc.Conv2D(4, 3, padding="same"), cc.ReLU(), cc.MaxPool2D(2), cc.Flatten()]
+    if dropout:
+        layers.append(cc.Dropout(dropout))
+    return cc.Sequential([*layers, cc.Dense(3)], input_shape=(12, 12, 1), seed=seed)
+
+
+def quiet():
+    return Console(file=io.StringIO(), width=120)
+
+
+def test_fit_learns_and_prints_one_plain_line_per_epoch():
+    data = bars()
+    train, val = data.stratified_split(40, seed=0)
+    console = quiet()
+    model = small_model()
+    state = fit(
+        model, train, val, epochs=4, batch_size=16, optimizer=cc.Adam(0.01), console=console
+    )
+    out = console.file.getvalue()
+    lines = out.strip().splitlines()
+    assert lines[0].split()[:3] == ["epoch", "train", "loss"]
+    assert [ln.split()[0] for ln in lines[1:5]] == ["1/4", "2/4", "3/4", "4/4"]
+    assert "\x1b" not in out  # not a terminal: no progress bar, no colour codes
+    assert len(state.history) == 4 and state.epoch == 4
+    assert state.step == 4 * int(np.ceil(len(train) / 16))
+    h = state.history
+    assert h[-1]["train_loss"] < h[0]["train_loss"]
+    assert h[-1]["val_accuracy"] > 0.9
+    assert set(h[0]) >= {
+        "train_loss",
+        "train_accuracy",
+        "val_loss",
+        "val_accuracy",
+        "lr",
+        "seconds",
+    }
+    # preprocessing and class names come from the training data
+    assert model.classes == ["top", "middle", "bottom"]
+    assert model.preprocessing.input_shape == (12, 12, 1)
+    # uint8 images are preprocessed by the model itself
+    np.testing.assert_array_equal(model.predict(val.images), model.predict(val.images))
+    assert (model.predict(val.images) == val.labels).mean() > 0.9
+
+
+def test_same_seed_same_final_weights_even_with_dropout_and_augmentation():
+    data = bars()
+    weights = []
+    for _ in range(2):
+        model = small_model(seed=3, dropout=0.3)
+        fit(
+            model,
+            data,
+            epochs=2,
+            batch_size=32,
+            optimizer="sgd",
+            seed=7,
+            augment=Augment(shift=1, flip=True),
+            console=quiet(),
+        )
+        weights.append(model.state_dict())
+    for k in weights[0]:
+        np.testing.assert_array_equal(weights[0][k], weights[1][k])
+    other = small_model(seed=3, dropout=0.3)
+    fit(
+        other,
+        data,
+        epochs=2,
+        batch_size=32,
+        optimizer="sgd",
+        seed=8,
+        augment=Augment(shift=1, flip=True),
+        console=quiet(),
+    )
+    assert not np.array_equal(other.state_dict()["dense_1.kernel"], weights[0]["dense_1.kernel"])
+
+
+def test_early_stopping_keeps_the_best_epoch():
+    data = bars()
+    # a validation set whose labels are all wrong: its loss rises as the model learns
+    wrong = Dataset(data.images[:60], (data.labels[:60] + 1) % 3, data.classes)
+    model = small_model()
+    seen = []
+
+    def remember(state, row):
+        seen.append(model.state_dict())
+
+    state = fit(
+        model,
+        data,
+        wrong,
+        epochs=10,
+        batch_size=16,
+        optimizer=cc.Adam(0.01),
+        early_stopping=2,
+        callbacks=[remember],
+        console=quiet(),
+    )
+    assert state.stopped_early and state.epoch < 10
+    assert state.best_epoch == int(np.argmin([r["val_loss"] for r in state.history])) + 1
+    assert state.epoch - state.best_epoch == 2
+    for k, v in model.state_dict().items():  # the best epoch's weights were put back
+        np.testing.assert_array_equal(v, seen[state.best_epoch - 1][k])
+
+
+def test_callback_can_stop_training():
+    state = fit(small_model(), bars(), epochs=5, callbacks=[lambda s, r: "stop"], console=quiet())
+    assert state.epoch == 1
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_a_diverging_loss_stops_with_a_clear_message():
+    with pytest.raises(TrainingDiverged, match="learning rate"):
+        fit(small_model(), bars(), epochs=3, optimizer=cc.SGD(1e9), console=quiet())
+
+
+def test_schedule_sets_the_learning_rate_each_epoch():
+    state = fit(
+        small_model(),
+        bars(),
+        epochs=3,
+        optimizer=cc.SGD(0.1),
+        schedule=cc.StepDecay(0.1, 1, 0.5),
+        console=quiet(),
+    )
+    assert [r["lr"] for r in state.history] == pytest.approx([0.1, 0.05, 0.025])
+
+
+def test_mse_loss_trains_too():
+    data = bars()
+    state = fit(
+        small_model(),
+        data,
+        epochs=6,
+        batch_size=16,
+        optimizer=cc.Adam(0.01),
+        loss="mse",
+        console=quiet(),
+    )
+    assert state.history[-1]["train_accuracy"] > 0.9
+
+
+def test_arrays_work_as_well_as_datasets():
+    data = bars()
+    x = data.images.astype(np.float32) / 255
+    state = fit(small_model(), (x, data.labels), epochs=3, optimizer=cc.Adam(0.01), console=quiet())
+    assert state.history[-1]["train_accuracy"] > 0.8
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="epochs=0"):
+        fit(small_model(), bars(), epochs=0, console=quiet())
+    with pytest.raises(ValueError, match="Received: 3 images, 2 labels"):
+        fit(small_model(), (np.zeros((3, 12, 12, 1)), np.zeros(2, int)), console=quiet())
+
+
+def test_history_files(tmp_path):
+    state = fit(small_model(), bars(), epochs=2, console=quiet())
+    write_history(tmp_path, state.history)
+    rows = json.loads((tmp_path / "history.json").read_text())
+    assert [r["epoch"] for r in rows] == [1, 2]
+    csv_lines = (tmp_path / "history.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 3
