@@ -207,11 +207,12 @@ def fit(
             "seconds": 0.0,
             "images_per_second": 0.0,
         }
+        train_seconds = time.perf_counter() - t0
         if val is not None:
             result = evaluate(model, (xv, yv), loss=loss)
             row["val_loss"], row["val_accuracy"] = result["loss"], result["accuracy"]
         row["seconds"] = time.perf_counter() - t0
-        row["images_per_second"] = seen / row["seconds"]
+        row["images_per_second"] = seen / train_seconds
         state.history.append(row)
         state.epoch = epoch + 1
         _print_row(console, row, epochs, progress)
