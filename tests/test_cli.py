@@ -1,0 +1,251 @@
+"""The command line end to end, on small IDX files and image folders the tests write."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from classic_cnn.cli import app
+from classic_cnn.data import write_idx
+
+runner = CliRunner()
+
+
+def bars(n, seed):
+    """28×28 light bars on dark in one of ten rows: learnable, like a tiny Fashion-MNIST."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.uint8)
+    x = (rng.random((n, 28, 28)) * 40).astype(np.uint8)
+    for i, lab in enumerate(labels):
+        x[i, 2 * lab + 4 : 2 * lab + 7, 4:24] = 230
+    return x, labels
+
+
+@pytest.fixture
+def data_env(tmp_path, monkeypatch):
+    """A cache folder holding a small 'fashion-mnist'; no system folder; no downloads."""
+    cache = tmp_path / "cache"
+    folder = cache / "fashion-mnist"
+    folder.mkdir(parents=True)
+    for split, n, seed in (("train", 400, 0), ("t10k", 100, 1)):
+        x, y = bars(n, seed)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", x)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", y)
+    monkeypatch.setenv("CLASSIC_CNN_CACHE", str(cache))
+    monkeypatch.setenv("CLASSIC_CNN_SYSTEM_DATA", str(tmp_path / "no-system"))
+    monkeypatch.setenv("CLASSIC_CNN_MIRROR", "http://127.0.0.1:9/{name}/")  # refused at once
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+TRAIN = ("train", "--arch", "lenet5", "--epochs", "2", "--val", "50", "--batch-size", "32")
+
+
+@pytest.fixture
+def trained(data_env):
+    result = run(*TRAIN, "--out", data_env / "run")
+    assert result.exit_code == 0, result.output
+    return data_env / "run" / "model.safetensors"
+
+
+def test_train_writes_the_run_folder(trained):
+    run_dir = trained.parent
+    assert sorted(p.name for p in run_dir.iterdir()) == [
+        "history.csv",
+        "history.json",
+        "model.safetensors",
+    ]
+    history = json.loads((run_dir / "history.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2]
+
+
+def test_test_command_reports_accuracy_and_confusion(trained):
+    result = run("test", trained, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["n"] == 100 and 0 <= report["accuracy"] <= 1
+    cm = np.array(report["confusion"])
+    assert cm.shape == (10, 10) and cm.sum() == 100
+    assert report["accuracy"] == pytest.approx(np.trace(cm) / 100)
+    assert report["classes"][0] == "T-shirt/top"
+    text = run("test", trained)
+    assert (
+        text.exit_code == 0 and "test accuracy" in text.output and "confusion matrix" in text.output
+    )
+
+
+def test_predict_any_image_size(trained, data_env):
+    from PIL import Image
+
+    x, _y = bars(3, 5)
+    paths = []
+    for i in range(3):
+        p = data_env / f"img{i}.png"
+        Image.fromarray(x[i]).resize((140, 140)).save(p)
+        paths.append(p)
+    result = run("predict", trained, *paths, "--top", "2", "--save-input", data_env / "seen")
+    assert result.exit_code == 0, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.startswith(str(data_env))]
+    assert len(lines) == 3 and all(ln.count(",") == 1 for ln in lines)
+    assert len(list((data_env / "seen").glob("*.png"))) == 3
+    seen = np.asarray(Image.open(data_env / "seen" / "img0.input.png"))
+    assert seen.shape == (28, 28)
+    js = run("predict", trained, paths[0], "--json")
+    probs = json.loads(js.stdout)[0]["probabilities"]
+    assert len(probs) == 10 and sum(probs.values()) == pytest.approx(1, abs=1e-5)
+    # a photo-like image (dark object on light) is inverted to match the training polarity
+    Image.fromarray(255 - x[0]).save(data_env / "light.png")
+    flipped = json.loads(run("predict", trained, data_env / "light.png", "--json").stdout)[0]
+    assert flipped["inverted"] is True
+    kept = run("predict", trained, data_env / "light.png", "--invert", "no", "--json").stdout
+    assert json.loads(kept)[0]["inverted"] is False
+
+
+def test_same_seed_same_weights_through_the_cli(data_env):
+    from safetensors.numpy import load_file
+
+    for name in ("a", "b"):
+        assert run(*TRAIN, "--out", data_env / name).exit_code == 0
+    a = load_file(str(data_env / "a" / "model.safetensors"))
+    b = load_file(str(data_env / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_non_empty_run_folder_is_refused(trained):
+    before = trained.read_bytes()
+    result = run(*TRAIN, "--out", trained.parent)
+    assert result.exit_code == 1
+    assert "not empty" in result.output and "--overwrite" in result.output
+    assert trained.read_bytes() == before
+
+
+def test_run_folder_under_a_file(data_env):
+    (data_env / "afile").write_text("x")
+    result = run(*TRAIN, "--out", data_env / "afile" / "run")
+    assert result.exit_code == 1 and "is a file" in result.output
+
+
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        (("train", "--data", "cifar"), "known datasets: fashion-mnist, mnist"),
+        (("train", "--arch", "resnet"), "small, lenet5, tinyvgg, article"),
+        (("summary", "--arch", "resnet"), "small, lenet5, tinyvgg, article"),
+    ],
+)
+def test_unknown_names_list_the_known_ones(data_env, args, fragment):
+    result = run(*args)
+    assert result.exit_code == 1 and fragment in result.output
+    assert not (data_env / "runs").exists()  # nothing written
+
+
+def test_usage_errors_exit_2(data_env):
+    assert run("train", "--epochs", "0").exit_code == 2
+    assert run("predict").exit_code == 2
+    assert run("frobnicate").exit_code == 2
+
+
+def test_bad_files(trained, data_env):
+    junk = data_env / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    result = run("test", junk)
+    assert result.exit_code == 1 and "not a safetensors model file" in result.output
+    result = run("predict", trained, data_env / "missing.png")
+    assert result.exit_code == 1 and "no such image file" in result.output
+    (data_env / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    result = run("predict", trained, data_env / "corrupt.jpg")
+    assert result.exit_code == 1 and "corrupt.jpg" in result.output
+    (data_env / "notes.txt").write_text("hello")
+    result = run("predict", trained, data_env / "notes.txt")
+    assert result.exit_code == 1 and "notes.txt" in result.output
+
+
+def test_corrupt_idx_and_mismatched_counts(data_env):
+    folder = data_env / "cache" / "fashion-mnist"
+    (folder / "train-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b garbage")
+    result = run(*TRAIN, "--out", data_env / "r")
+    assert result.exit_code == 1 and "train-images-idx3-ubyte" in result.output
+    x, _ = bars(30, 0)
+    write_idx(folder / "train-images-idx3-ubyte.gz", x)  # 30 images, 400 labels
+    result = run(*TRAIN, "--out", data_env / "r")
+    assert result.exit_code == 1 and "30" in result.output and "400" in result.output
+    assert not (data_env / "r").exists()
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLASSIC_CNN_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("CLASSIC_CNN_SYSTEM_DATA", str(tmp_path / "no-system"))
+    monkeypatch.setenv("CLASSIC_CNN_MIRROR", "http://127.0.0.1:9/{name}/")
+    monkeypatch.chdir(tmp_path)
+    result = run("train", "--epochs", "1")
+    assert result.exit_code == 1
+    assert "dataset-fashion-mnist" in result.output and "--data" in result.output
+
+
+def test_image_folder_training_and_testing(data_env):
+    from PIL import Image
+
+    root = data_env / "shapes"
+    rng = np.random.default_rng(0)
+    for _k, name in enumerate(["circle", "square"]):
+        (root / name).mkdir(parents=True)
+        for i in range(30):
+            img = np.full((40, 40, 3), 250, np.uint8)  # photos: dark shapes on white
+            yy, xx = np.mgrid[:40, :40]
+            if name == "circle":
+                mask = (yy - 20) ** 2 + (xx - 20) ** 2 < (8 + rng.integers(0, 6)) ** 2
+            else:
+                s = 8 + rng.integers(0, 6)
+                mask = (
+                    (abs(yy - 20) < s)
+                    & (abs(xx - 20) < s)
+                    & ((abs(yy - 20) > s - 4) | (abs(xx - 20) > s - 4))
+                )
+            img[mask] = rng.integers(0, 60)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    (root / "circle" / ".hidden.png").write_bytes(b"junk")
+    (root / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    result = run(
+        "train",
+        "--data",
+        root,
+        "--arch",
+        "lenet5",
+        "--epochs",
+        "3",
+        "--val",
+        "10",
+        "--out",
+        data_env / "shapes-run",
+    )
+    assert result.exit_code == 0, result.output
+    assert "broken.png" in result.output  # reported, not a crash
+    model = data_env / "shapes-run" / "model.safetensors"
+    report = json.loads(run("test", model, "--data", root, "--json").stdout)
+    assert report["classes"] == ["circle", "square"] and report["n"] == 60
+    empty = data_env / "flat"
+    empty.mkdir()
+    (empty / "a.png").write_bytes(b"")
+    result = run("train", "--data", empty, "--out", data_env / "x")
+    assert result.exit_code == 1 and "class" in result.output
+
+
+def test_summary_and_data_list(data_env, trained):
+    result = run("summary", "--arch", "lenet5")
+    assert result.exit_code == 0 and "61,706" in result.output
+    assert "28×28×6" in run("summary", trained).output
+    listing = run("data", "list")
+    assert listing.exit_code == 0
+    assert "fashion-mnist" in listing.output and str(data_env / "cache") in listing.output
+
+
+def test_debug_shows_the_traceback(data_env):
+    result = run("--debug", "train", "--data", "cifar")
+    assert result.exit_code == 1 and isinstance(result.exception, ValueError)
