@@ -188,3 +188,31 @@ def test_history_files(tmp_path):
     assert [r["epoch"] for r in rows] == [1, 2]
     csv_lines = (tmp_path / "history.csv").read_text().splitlines()
     assert csv_lines[0].startswith("epoch,train_loss") and len(csv_lines) == 3
+
+
+def test_training_state_saved_and_restored_continues_bit_for_bit(tmp_path):
+    from classic_cnn.train import load_state, save_state
+
+    data = bars()
+    train, val = data.stratified_split(40, seed=0)
+    kwargs = dict(
+        epochs=4,
+        batch_size=32,
+        optimizer="sgd",
+        seed=3,
+        augment=Augment(shift=1, flip=True),
+        console=quiet(),
+    )
+    straight = small_model(seed=1, dropout=0.2)
+    fit(straight, train, val, **kwargs)
+
+    first = small_model(seed=1, dropout=0.2)
+    state = fit(first, train, val, **{**kwargs, "epochs": 2})
+    path = save_state(state, tmp_path / "state.safetensors")
+    restored = load_state(path)
+    assert restored.epoch == 2 and restored.step == state.step
+    assert restored.history == state.history
+    resumed = fit(restored.model, train, val, **kwargs, state=restored)
+    assert resumed.epoch == 4
+    for k, v in straight.state_dict().items():
+        np.testing.assert_array_equal(restored.model.state_dict()[k], v)

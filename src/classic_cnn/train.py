@@ -311,3 +311,114 @@ def write_history(run_dir: Path, history: list[dict]) -> None:
         w.writeheader()
         w.writerows(history)
     atomic_write_bytes(run_dir / "history.csv", buf.getvalue().encode())
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and restoring the whole training state
+# --------------------------------------------------------------------------------------------
+
+STATE_FORMAT = "classic-cnn-training-state"
+
+
+def save_state(state: TrainingState, path) -> Path:
+    """Write everything in ``state`` to one ``.safetensors`` file, atomically: the model's
+    weights, the optimizer's buffers and the best epoch's weights as tensors; the model's
+    architecture and preprocessing, optimizer settings, step count, each Generator's state,
+    epoch, step and history as JSON metadata."""
+    from safetensors.numpy import save as st_save
+
+    from .io import atomic_write_bytes
+
+    model, opt = state.model, state.optimizer
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    opt_sd = opt.state_dict()
+    for name, buffers in opt_sd["state"].items():
+        for key, value in buffers.items():
+            tensors[f"optimizer/{name}/{key}"] = value
+    for k, v in (state.best_weights or {}).items():
+        tensors[f"best/{k}"] = v
+    meta = {
+        "format": STATE_FORMAT,
+        "format_version": "1",
+        "architecture": model.get_config(),
+        "classes": model.classes,
+        "preprocessing": model.preprocessing.to_dict() if model.preprocessing else None,
+        "optimizer": {
+            "class": type(opt).__name__,
+            "config": opt_sd["config"],
+            "iterations": opt_sd["iterations"],
+        },
+        "loss": {"class": type(state.loss).__name__, "config": state.loss.get_config()},
+        "rngs": state.rng_states(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": state.history,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
+        "stopped_early": state.stopped_early,
+    }
+    strings = {k: json.dumps(v) for k, v in meta.items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    path = Path(path)
+    atomic_write_bytes(path, st_save(tensors, metadata=strings))
+    return path
+
+
+def load_state(path) -> TrainingState:
+    """Rebuild a :class:`TrainingState` written by :func:`save_state`; ``fit(..., state=...)``
+    then continues exactly where it stopped."""
+    from safetensors import SafetensorError, safe_open
+
+    from .losses import LOSSES
+    from .optim import OPTIMIZERS
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a training-state file ({exc})") from None
+    if meta.get("format") != STATE_FORMAT:
+        raise ValueError(f"{path}: not a classic-cnn training-state file")
+    model = Sequential.from_config(meta["architecture"])
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    model.classes = meta["classes"]
+    if meta["preprocessing"]:
+        model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    optimizers = {cls.__name__: cls for cls in OPTIMIZERS.values()}
+    opt = optimizers[meta["optimizer"]["class"]](**meta["optimizer"]["config"])
+    buffers: dict[str, dict[str, np.ndarray]] = {}
+    for k, v in tensors.items():
+        if k.startswith("optimizer/"):
+            name, key = k[len("optimizer/") :].rsplit("/", 1)
+            buffers.setdefault(name, {})[key] = v
+    opt.load_state_dict(
+        {
+            "config": meta["optimizer"]["config"],
+            "iterations": meta["optimizer"]["iterations"],
+            "state": buffers,
+        }
+    )
+    losses = {cls.__name__: cls for cls in LOSSES.values()}
+    loss = losses[meta["loss"]["class"]](**meta["loss"]["config"])
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best/")}
+    state = TrainingState(
+        model,
+        opt,
+        loss,
+        {
+            "shuffle": np.random.default_rng(),
+            "augment": np.random.default_rng(),
+            "dropout": model.dropout_rng,
+        },
+        epoch=meta["epoch"],
+        step=meta["step"],
+        history=meta["history"],
+        best_epoch=meta["best_epoch"],
+        best_val_loss=math.inf if meta["best_val_loss"] is None else meta["best_val_loss"],
+        best_weights=best or None,
+        stopped_early=meta["stopped_early"],
+    )
+    state.set_rng_states(meta["rngs"])
+    return state
