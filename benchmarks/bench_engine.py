@@ -40,16 +40,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import classic_cnn
-from classic_cnn import (
-    SGD,
-    Conv2D,
-    CrossEntropyLoss,
-    Dense,
-    Flatten,
-    MaxPool2D,
-    ReLU,
-    Sequential,
-)
+from classic_cnn import SGD, Conv2D, CrossEntropyLoss, Dense, Sequential, presets
 
 INPUT_SHAPE = (28, 28, 1)
 CLASSES = 10
@@ -81,26 +72,9 @@ MISSING_EXTRA = (
 
 
 def build_lenet(seed: int = 0) -> Sequential:
-    """The LeNet-5-style network of the benchmark, in classic-cnn (float32, channels-last)."""
-    return Sequential(
-        [
-            Conv2D(6, 5, padding="same"),
-            ReLU(),
-            MaxPool2D(2),
-            Conv2D(16, 5),
-            ReLU(),
-            MaxPool2D(2),
-            Flatten(),
-            Dense(120),
-            ReLU(),
-            Dense(84),
-            ReLU(),
-            Dense(CLASSES),
-        ],
-        input_shape=INPUT_SHAPE,
-        seed=seed,
-        name="lenet5",
-    )
+    """The LeNet-5-style network of the benchmark: the project's ``lenet5`` preset (float32,
+    channels-last)."""
+    return presets.build("lenet5", classes=CLASSES, seed=seed)
 
 
 def make_batches(batch: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
