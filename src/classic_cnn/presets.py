@@ -36,17 +36,25 @@ from .layers import (
 from .model import Sequential
 
 
-def lenet5(classes: int = 10):
-    """LeNet-5 with ReLU and max pooling, for 28×28×1 images ('same' first conv, as the
-    28×28 digits were padded to LeNet's 32×32)."""
+def _lenet_features(first_padding: str) -> list[Layer]:
+    """LeNet's feature extractor: 6 then 16 kernels of 5×5, each followed by ReLU and 2×2 max
+    pooling, flattened for the fully connected layers."""
     return [
-        Conv2D(6, 5, padding="same"),
+        Conv2D(6, 5, padding=first_padding),
         ReLU(),
         MaxPool2D(2),
         Conv2D(16, 5),
         ReLU(),
         MaxPool2D(2),
         Flatten(),
+    ]
+
+
+def lenet5(classes: int = 10):
+    """LeNet-5 with ReLU and max pooling, for 28×28×1 images ('same' first conv, as the
+    28×28 digits were padded to LeNet's 32×32), then dense 120, 84 and the classes."""
+    return [
+        *_lenet_features("same"),
         Dense(120),
         ReLU(),
         Dense(84),
@@ -69,16 +77,7 @@ def article(classes: int = 10):
     """The article's network: a 32×32×3 input, 5×5×3 kernels (28×28 feature maps), an activation
     after each convolution, max pooling, and a fully connected layer giving the 10 classes.
     Grayscale 28×28 data is padded to 32×32 and repeated into three channels."""
-    return [
-        Conv2D(6, 5),
-        ReLU(),
-        MaxPool2D(2),
-        Conv2D(16, 5),
-        ReLU(),
-        MaxPool2D(2),
-        Flatten(),
-        Dense(classes),
-    ], (32, 32, 3)
+    return [*_lenet_features("valid"), Dense(classes)], (32, 32, 3)
 
 
 def small(classes: int = 10):
