@@ -25,6 +25,11 @@ data_app = typer.Typer(
     help="Datasets: what is available and where; downloads.", no_args_is_help=True
 )
 app.add_typer(data_app, name="data")
+show_app = typer.Typer(
+    help="Pictures (PNG files): a layer's filters, an image's feature maps, training curves.",
+    no_args_is_help=True,
+)
+app.add_typer(show_app, name="show")
 
 _DEBUG = {"on": False}
 
@@ -207,6 +212,34 @@ def train(
         f"saved {path} (validation accuracy {100 * best['val_accuracy']:.2f}% at epoch "
         f"{best['epoch']}); test it with: cnn test {path}"
     )
+    info = {
+        "data": f"{full.name} ({full.source})" if getattr(full, "source", None) else full.name,
+        "architecture": arch,
+        "parameters": f"{model.count_params():,}",
+        "training images": f"{len(train_set):,}",
+        "validation images": f"{len(val_set):,}",
+        "epochs": f"{state.epoch} of {epochs}",
+        "best epoch": best["epoch"],
+        "validation accuracy": f"{100 * best['val_accuracy']:.2f}%",
+        "validation loss": f"{best['val_loss']:.4f}",
+        "optimizer": f"{optimizer.value}, lr {opt.lr if lr is None else lr:g}, cosine decay",
+        "loss": loss.value,
+        "batch size": batch_size,
+        "augment": "yes" if aug else "no",
+        "seed": seed,
+        "model file": str(path),
+    }
+    report = _write_report(out, model, state.history, val_set, info)
+    typer.echo(f"report: {report}")
+
+
+def _write_report(out: Path, model, history, val_set, info) -> Path:
+    from .io import atomic_write_bytes
+    from .viz.report import train_report
+
+    path = out / "report.html"
+    atomic_write_bytes(path, train_report(model, history, val_set, info).encode("utf-8"))
+    return path
 
 
 def _now() -> str:
@@ -239,8 +272,18 @@ def test(
         int | None, typer.Option(min=1, help="Test on the first N images only.")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+    plots: Annotated[
+        Path | None,
+        typer.Option(
+            help="Write confusion.png and misclassified.png (the most confidently wrong "
+            "images) into this folder."
+        ),
+    ] = None,
 ) -> None:
-    """Accuracy on the test split, per-class precision / recall / F1, confusion matrix."""
+    """Accuracy on the test split, per-class precision / recall / F1, confusion matrix.
+
+    When the model's folder holds the report.html of its training run, the test results are
+    added to it."""
     from . import io
     from .metrics import evaluate
 
@@ -253,6 +296,7 @@ def test(
         )
     result = evaluate(model, test_set)
     classes = model.classes or test_set.classes
+    _test_pictures(model, model_path, test_set, source, classes, plots)
     if as_json:
         payload = {
             "model": str(model_path),
@@ -289,6 +333,49 @@ def test(
         )
     console.print(table)
     console.print(_confusion_text(result["confusion"], classes), highlight=False)
+
+
+def _test_pictures(model, model_path: Path, test_set, source, classes, plots) -> None:
+    """--plots: the confusion heat map and the most confidently misclassified images; and the
+    test section of the run's report.html, when there is one."""
+    report = model_path.parent / "report.html"
+    if plots is None and not report.is_file():
+        return
+    from .viz.report import model_images
+
+    images = model_images(model, test_set)
+    probs = model.predict_proba(images)
+    if plots is not None:
+        from .metrics import confusion_matrix
+        from .viz.arrays import most_confident_mistakes
+        from .viz.plots import plot_confusion, plot_misclassified, save_png
+
+        predicted = probs.argmax(axis=1)
+        cm = confusion_matrix(test_set.labels, predicted, len(classes))
+        wrong = most_confident_mistakes(probs, test_set.labels, 24)
+        title = f"{model_path.name} on {source} test ({len(test_set):,} images)"
+        save_png(plot_confusion(cm, classes, title), plots / "confusion.png")
+        save_png(
+            plot_misclassified(
+                images[wrong],
+                test_set.labels[wrong],
+                predicted[wrong],
+                probs[wrong, predicted[wrong]],
+                classes,
+                f"{title}: the {len(wrong)} most confidently misclassified",
+            ),
+            plots / "misclassified.png",
+        )
+        typer.echo(f"wrote {plots / 'confusion.png'} and {plots / 'misclassified.png'}", err=True)
+    if report.is_file():
+        from .io import atomic_write_bytes
+        from .viz.report import replace_section, test_section
+
+        html = replace_section(
+            report.read_text(encoding="utf-8"), test_section(model, test_set, probs, source)
+        )
+        atomic_write_bytes(report, html.encode("utf-8"))
+        typer.echo(f"added the test results to {report}", err=True)
 
 
 def _confusion_text(cm, classes) -> str:
@@ -394,6 +481,208 @@ def summary(
         raise typer.BadParameter("give either a MODEL file or --arch PRESET|FILE")
     model = io.load(model_path) if model_path else presets.build(arch, classes=classes)
     model.summary(print_fn=typer.echo)
+
+
+# --------------------------------------------------------------------------------------------
+# seeing inside: show filters / maps / curves, explain, tour
+# --------------------------------------------------------------------------------------------
+
+IMAGE_HELP = "An image file (any size), or SPLIT:N for image N of the model's dataset (test:0)."
+
+
+def _load_model(model_path: Path):
+    from . import io
+
+    return io.load(model_path)
+
+
+def _image_input(model, spec: str, invert: Invert):
+    """An image argument as the model sees it: ``(seen uint8 H×W×C, float input 1×H×W×C,
+    label)``. A file path, or ``SPLIT:N`` for image N of the model's dataset."""
+    from .explain import prepare_image
+
+    path = Path(spec)
+    split, _, index = spec.partition(":")
+    if not path.exists() and split in ("train", "test") and index.isdigit():
+        from .viz.report import model_images
+
+        source = (model.metadata.get("dataset") or {}).get("name") or DEFAULT_DATA
+        data = load_data(source, split, classes=model.classes)
+        i = int(index)
+        if i >= len(data):
+            raise ValueError(
+                f"{spec}: {source} {split} has {len(data):,} images (0..{len(data) - 1})"
+            )
+        seen = model_images(model, data.take(i + 1))[i]
+        x = model.preprocessing.apply(seen[None], model.dtype)
+        truth = data.classes[data.labels[i]]
+        return seen, x, f"{source} {split} image {i} (true class: {truth})", f"{split}{i}"
+    if not path.is_file():
+        raise ValueError(f"no such image file: {spec} (or give SPLIT:N, e.g. test:0)")
+    from .data.images import read_image
+
+    seen, x, flipped = prepare_image(model, read_image(path), invert.value)
+    return seen, x, f"{path.name}" + (" (inverted)" if flipped else ""), path.stem
+
+
+def _default_out(model_path: Path, out: Path | None, name: str) -> Path:
+    return out if out is not None else model_path.parent / name
+
+
+@show_app.command("filters")
+@friendly
+def show_filters(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model.safetensors file.")],
+    layer: Annotated[
+        str | None, typer.Option(help="A convolution layer's name (default: the first).")
+    ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG file (default: filters-LAYER.png by the model).")
+    ] = None,
+) -> None:
+    """A grid of a convolution layer's kernels under one shared, stated colour scale."""
+    from .explain import conv_layer_names
+    from .viz.arrays import filter_grid
+    from .viz.plots import plot_filters, save_png
+
+    model = _load_model(model_path)
+    names = conv_layer_names(model)
+    if not names:
+        raise ValueError(
+            f"model '{model.name}' has no convolution layers "
+            f"(layers: {', '.join(lyr.name for lyr in model.layers)})"
+        )
+    layer = layer or names[0]
+    if layer not in names:
+        raise ValueError(
+            f"no convolution layer named {layer!r} in model '{model.name}'; valid: "
+            f"{', '.join(names)}"
+        )
+    conv = next(lyr for lyr in model.layers if lyr.name == layer)
+    grid = filter_grid(conv.params["kernel"])
+    kh, kw, cin, cout = conv.params["kernel"].shape
+    title = f"{model_path.name}: {layer}, {cout} kernels of {kh}×{kw}×{cin}"
+    path = save_png(
+        plot_filters(grid, title), _default_out(model_path, out, f"filters-{layer}.png")
+    )
+    typer.echo(f"{title}; {grid.scale_text()}")
+    typer.echo(f"wrote {path}")
+
+
+@show_app.command("maps")
+@friendly
+def show_maps(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model.safetensors file.")],
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help=IMAGE_HELP)],
+    layers: Annotated[
+        str | None, typer.Option(help="Comma-separated layer names (default: all with maps).")
+    ] = None,
+    invert: Annotated[
+        Invert, typer.Option(help="Invert an image file to the training polarity.")
+    ] = Invert.auto,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG file (default: maps-IMAGE.png by the model).")
+    ] = None,
+) -> None:
+    """The input, every conv / activation / pooling layer's feature maps, the probabilities."""
+    from .explain import feature_maps
+    from .viz.arrays import map_grid
+    from .viz.plots import plot_feature_maps, save_png
+
+    model = _load_model(model_path)
+    seen, x, label, stem = _image_input(model, image, invert)
+    wanted = [n.strip() for n in layers.split(",") if n.strip()] if layers else None
+    records = feature_maps(model, x, wanted)
+    grids = [map_grid(r["name"], r["type"], r["maps"]) for r in records]
+    probs = model.predict_proba(x)[0]
+    classes = model.classes or [str(i) for i in range(len(probs))]
+    fig = plot_feature_maps(seen, grids, probs, classes, label)
+    path = save_png(fig, _default_out(model_path, out, f"maps-{stem}.png"))
+    for g in grids:
+        typer.echo(f"{g.name:16} {g.type:10} {g.shape_text}")
+    best = int(probs.argmax())
+    typer.echo(f"{label}: {classes[best]} {probs[best]:.2f}")
+    typer.echo(f"wrote {path}")
+
+
+@show_app.command("curves")
+@friendly
+def show_curves(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN_DIR", help="A training run's folder.")],
+    out: Annotated[
+        Path | None, typer.Option(help="PNG file (default: RUN_DIR/curves.png).")
+    ] = None,
+) -> None:
+    """Loss and accuracy per epoch, training and validation."""
+    from .viz.plots import plot_curves, save_png
+
+    history_file = run_dir / "history.json"
+    if not history_file.is_file():
+        raise ValueError(f"{run_dir} is not a run folder: no history.json in it")
+    try:
+        history = json.loads(history_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{history_file}: invalid JSON ({exc.msg})") from None
+    path = save_png(plot_curves(history, str(run_dir)), out or run_dir / "curves.png")
+    last = history[-1]
+    typer.echo(
+        f"{len(history)} epochs; last: train loss {last['train_loss']:.4f}, val loss "
+        f"{last['val_loss']:.4f}, val accuracy {100 * last['val_accuracy']:.2f}%"
+    )
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def explain(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model.safetensors file.")],
+    image: Annotated[str, typer.Argument(metavar="IMAGE", help=IMAGE_HELP)],
+    layer: Annotated[str, typer.Option(help="A convolution, pooling or activation layer.")],
+    at: Annotated[str, typer.Option(metavar="ROW,COL", help="Position in the layer's output.")],
+    filter_: Annotated[
+        int | None,
+        typer.Option("--filter", help="Filter / channel (default: the strongest there)."),
+    ] = None,
+    invert: Annotated[
+        Invert, typer.Option(help="Invert an image file to the training polarity.")
+    ] = Invert.auto,
+    out: Annotated[
+        Path | None, typer.Option(help="PNG file (default: explain-… by the model).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="The record as JSON.")] = False,
+) -> None:
+    """The arithmetic behind one number of a feature map: patch × kernel, sum, bias,
+    activation (or a pooling window and its winner), and the receptive field in the image."""
+    from .explain import explain as explain_
+    from .explain import parse_position
+    from .viz.plots import plot_explain, save_png
+
+    model = _load_model(model_path)
+    position = parse_position(at)
+    seen, x, label, stem = _image_input(model, image, invert)
+    e = explain_(model, x, layer, position, filter_)
+    name = f"explain-{stem}-{layer}-{position[0]}-{position[1]}-{e.channel}.png"
+    path = save_png(plot_explain(e, seen), _default_out(model_path, out, name))
+    if as_json:
+        typer.echo(json.dumps(e.to_dict() | {"image": label, "png": str(path)}))
+        return
+    typer.echo(f"{label}")
+    typer.echo(e.to_text())
+    typer.echo(f"wrote {path}")
+
+
+@app.command()
+@friendly
+def tour(
+    out: Annotated[
+        Path | None, typer.Option(help="Also save the pictures as PNGs in this folder.")
+    ] = None,
+) -> None:
+    """The article's figures, computed: convolution sizes, the curve detector (6600 vs 0),
+    max pooling, softmax, one back-propagation step."""
+    from .tour import run_tour
+
+    run_tour(print_fn=typer.echo, out=out)
 
 
 # --------------------------------------------------------------------------------------------
