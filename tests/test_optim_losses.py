@@ -113,3 +113,13 @@ def test_mse_is_the_articles_loss(rng):
     p = softmax(z)
     onehot = np.eye(10)[y]
     assert cc.MSELoss().forward(z, y) == pytest.approx(((p - onehot) ** 2).mean(), rel=1e-12)
+
+
+def test_one_cycle_rises_then_falls_as_pytorch_defines_it():
+    s = cc.OneCycle(0.1, total=100)  # warm-up to step 29, then down to step 99
+    start, end = 0.1 / 25, 0.1 / 25 / 1e4
+    assert s(0) == pytest.approx(start) and s(29) == pytest.approx(0.1)
+    assert s(99) == pytest.approx(end) and s(500) == pytest.approx(end)
+    assert s(10) == pytest.approx(0.1 + (start - 0.1) * (1 + math.cos(math.pi * 10 / 29)) / 2)
+    assert s(60) == pytest.approx(end + (0.1 - end) * (1 + math.cos(math.pi * 31 / 70)) / 2)
+    assert s.per_step is True

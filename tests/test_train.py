@@ -216,3 +216,39 @@ def test_training_state_saved_and_restored_continues_bit_for_bit(tmp_path):
     assert resumed.epoch == 4
     for k, v in straight.state_dict().items():
         np.testing.assert_array_equal(restored.model.state_dict()[k], v)
+
+
+def test_a_per_step_schedule_sets_the_rate_every_batch():
+    seen = []
+
+    class Recording(cc.OneCycle):
+        def __call__(self, t):
+            seen.append(t)
+            return super().__call__(t)
+
+    data = bars(64)
+    state = fit(
+        small_model(),
+        data,
+        epochs=2,
+        batch_size=16,
+        optimizer=cc.SGD(0.1),
+        schedule=Recording(0.1, total=8),
+        console=quiet(),
+    )
+    assert seen == list(range(8))
+    assert state.history[-1]["lr"] == pytest.approx(cc.OneCycle(0.1, total=8)(7))
+
+
+def test_flip_averaging_in_evaluate():
+    from classic_cnn.metrics import evaluate
+
+    data = bars(60)
+    model = small_model()
+    fit(model, data, epochs=2, optimizer=cc.Adam(0.01), console=quiet())
+    plain, flipped = evaluate(model, data), evaluate(model, data, flip=True)
+    probs = (model.predict_proba(data.images) + model.predict_proba(data.images[:, :, ::-1])) / 2
+    np.testing.assert_array_equal(flipped["predicted"], probs.argmax(axis=1))
+    expected_loss = -np.log(probs[np.arange(len(data)), data.labels]).mean()
+    assert flipped["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert plain["accuracy"] == pytest.approx((plain["predicted"] == data.labels).mean())

@@ -19,7 +19,7 @@ from .layers import (
 from .losses import CrossEntropyLoss, MSELoss
 from .metrics import evaluate
 from .model import Sequential, gradient_check
-from .optim import SGD, Adam, AdamW, CosineDecay, StepDecay
+from .optim import SGD, Adam, AdamW, CosineDecay, OneCycle, StepDecay
 from .train import fit
 
 __version__ = "0.1.0"
@@ -40,6 +40,7 @@ __all__ = [
     "LeakyReLU",
     "MSELoss",
     "MaxPool2D",
+    "OneCycle",
     "ReLU",
     "Sequential",
     "Sigmoid",

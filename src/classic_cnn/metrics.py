@@ -24,11 +24,13 @@ def per_class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": actual}
 
 
-def evaluate(model, data, batch_size: int = 1000, loss=None) -> dict:
+def evaluate(model, data, batch_size: int = 1000, loss=None, flip: bool = False) -> dict:
     """Loss, accuracy, confusion matrix and per-class scores of ``model`` on ``data``.
 
     ``data`` is a :class:`~classic_cnn.data.Dataset` or an ``(images, labels)`` pair; uint8
-    images go through the model's preprocessing.
+    images go through the model's preprocessing. ``flip=True`` is test-time flip averaging:
+    each image's class probabilities are averaged with those of its mirror image (left-right),
+    and the loss is the cross-entropy of the averaged probabilities.
     """
     from .losses import CrossEntropyLoss
 
@@ -37,10 +39,17 @@ def evaluate(model, data, batch_size: int = 1000, loss=None) -> dict:
     loss = loss or CrossEntropyLoss()
     total, preds = 0.0, []
     for i in range(0, len(x), batch_size):
-        logits = model.forward(x[i : i + batch_size])
-        if not model.ends_in_softmax:
-            total += loss.forward(logits, y[i : i + batch_size]) * len(logits)
-        preds.append(logits.argmax(axis=1))
+        xb, yb = x[i : i + batch_size], y[i : i + batch_size]
+        if flip or model.ends_in_softmax:
+            probs = model.predict_proba(xb)
+            if flip:
+                probs = (probs + model.predict_proba(xb[:, :, ::-1])) / 2
+            total -= float(np.log(np.maximum(probs[np.arange(len(yb)), yb], 1e-12)).sum())
+            preds.append(probs.argmax(axis=1))
+        else:
+            logits = model.forward(xb)
+            total += loss.forward(logits, yb) * len(logits)
+            preds.append(logits.argmax(axis=1))
     predicted = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
     n_classes = model.output_shape[-1]
     cm = confusion_matrix(y, predicted, n_classes)

@@ -224,3 +224,39 @@ class CosineDecay(Schedule):
             return self.lr * (t + 1) / self.warmup
         progress = min((t - self.warmup) / max(self.total - self.warmup, 1), 1.0)
         return self.min_lr + (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class OneCycle(Schedule):
+    """One-cycle learning rate, stepped every batch (``per_step``): a cosine rise from
+    ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of ``total`` steps, then a
+    cosine fall to ``max_lr / final_div_factor`` (PyTorch's OneCycleLR, without momentum
+    cycling)."""
+
+    per_step = True
+
+    def __init__(
+        self,
+        max_lr: float,
+        total: int,
+        pct_start: float = 0.3,
+        div_factor: float = 25.0,
+        final_div_factor: float = 1e4,
+    ):
+        self.max_lr = _check(max_lr, "max_lr", 0.0, low_open=True)
+        if not isinstance(total, numbers.Integral) or total < 2:
+            raise ValueError(f"total must be an int ≥ 2 (steps). Received: total={total!r}")
+        self.total = int(total)
+        self.pct_start = _check(pct_start, "pct_start", 0.0, 1.0, low_open=True)
+        self.div_factor = _check(div_factor, "div_factor", 1.0)
+        self.final_div_factor = _check(final_div_factor, "final_div_factor", 1.0)
+
+    def __call__(self, t):
+        start = self.max_lr / self.div_factor
+        end = start / self.final_div_factor
+        peak = max(round(self.pct_start * self.total) - 1, 1)
+        t = min(t, self.total - 1)
+        if t <= peak:
+            lo, hi, progress = start, self.max_lr, t / peak
+        else:
+            lo, hi, progress = self.max_lr, end, (t - peak) / max(self.total - 1 - peak, 1)
+        return hi + (lo - hi) * (1 + math.cos(math.pi * progress)) / 2

@@ -108,7 +108,8 @@ def fit(
     epochs, batch_size : how long, in how large steps
     optimizer : an Optimizer, or 'sgd' / 'adam'
     loss : a Loss, or 'cross-entropy' / 'mse'
-    schedule : epoch → learning rate (e.g. ``CosineDecay``); None keeps the optimizer's
+    schedule : epoch → learning rate (e.g. ``CosineDecay``), or step → learning rate for a
+        schedule with ``per_step = True`` (``OneCycle``); None keeps the optimizer's
     seed : seeds shuffling and augmentation (independent streams); dropout uses the model's
     augment : random shifts / flips of the training images, or None
     early_stopping : stop after this many epochs without a lower validation loss
@@ -161,7 +162,8 @@ def fit(
     steps_per_epoch = math.ceil(n / batch_size)
     _print_header(console, progress)
     for epoch in range(state.epoch, epochs):
-        if schedule is not None:
+        per_step = getattr(schedule, "per_step", False)
+        if schedule is not None and not per_step:
             opt.lr = float(schedule(epoch))
         t0 = time.perf_counter()
         seen = correct = 0
@@ -179,6 +181,8 @@ def fit(
                 model.dtype,
             )
             for xb, yb in batches:
+                if per_step:
+                    opt.lr = float(schedule(state.step))
                 logits = model.forward(xb, training=True)
                 value = loss.forward(logits, yb)
                 if not math.isfinite(value):
