@@ -61,6 +61,7 @@ def test_train_writes_the_run_folder(trained):
         "history.csv",
         "history.json",
         "model.safetensors",
+        "report.html",
     ]
     history = json.loads((run_dir / "history.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2]

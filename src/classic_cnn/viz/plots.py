@@ -47,9 +47,7 @@ def save_png(fig: Figure, path, dpi: int = DPI) -> Path:
 def _cmap(name: str, bad: str = "white"):
     import matplotlib
 
-    cmap = matplotlib.colormaps[name].copy()
-    cmap.set_bad(bad)
-    return cmap
+    return matplotlib.colormaps[name].with_extremes(bad=bad)
 
 
 def _tile_ticks(ax, n_cols, n_rows, h, w, gap, xlabel, ylabel, col_labels=None, row_labels=None):
@@ -97,11 +95,11 @@ def plot_filters(grid: FilterGrid, title: str) -> Figure:
     # rows: input channels, columns: kernels
     values = grid.weights().transpose(1, 0, 2, 3).reshape(cin * n, kh, kw)
     m = mosaic(values, n, gap)
-    fig = Figure(figsize=(min(max(5.5, 1.6 + 0.6 * n), 14), min(2.2 + 0.6 * cin, 14)))
+    fig = Figure(figsize=(min(max(7.5, 1.6 + 0.6 * n), 14), min(max(3.2, 2.2 + 0.6 * cin), 14)))
     ax = fig.add_subplot()
     im = ax.imshow(m, cmap=_cmap("gray"), vmin=grid.vmin, vmax=grid.vmax, interpolation="nearest")
     _tile_ticks(ax, n, cin, kh, kw, gap, "filter (output channel)", "input channel")
-    cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02)
+    cb = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.02, shrink=0.7)
     cb.set_label("weight", fontsize=8)
     cb.ax.tick_params(labelsize=7)
     ax.set_title(f"{title}\n{grid.scale_text()}", fontsize=9)
@@ -205,13 +203,15 @@ def _num(v: float) -> str:
     return f"{v:.2g}"
 
 
-def _grid_panel(ax, values, title, cmap, vmin, vmax, padded=None, mark=None, numbers=True):
+def _grid_panel(
+    ax, values, title, cmap, vmin, vmax, padded=None, mark=None, numbers=True, fontsize=6
+):
     ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     h, w = values.shape
     if numbers and h * w <= 64:
         for i in range(h):
             for j in range(w):
-                ax.text(j, i, _num(values[i, j]), ha="center", va="center", fontsize=6)
+                ax.text(j, i, _num(values[i, j]), ha="center", va="center", fontsize=fontsize)
     if padded is not None:
         for i, j in zip(*np.nonzero(padded), strict=True):
             ax.add_patch(
@@ -297,8 +297,9 @@ def plot_explain(e, image: np.ndarray, max_channels: int = 3) -> Figure:
         _grid_panel(
             fig.add_subplot(gs[0, 1:3]),
             e.patch,
-            f"{e.input_name}, channel {e.channel}: window at rows {e.origin[0]}.., cols "
-            f"{e.origin[1]}..",
+            f"{e.input_name}, channel {e.channel}: window rows {e.origin[0]}.."
+            f"{e.origin[0] + e.patch.shape[0] - 1}, cols {e.origin[1]}.."
+            f"{e.origin[1] + e.patch.shape[1] - 1}",
             "viridis",
             float(e.patch.min()),
             float(e.patch.max()) if e.patch.max() > e.patch.min() else float(e.patch.min()) + 1,
@@ -420,13 +421,13 @@ def plot_curve_detector(image: np.ndarray, kernel: np.ndarray, fmap: np.ndarray)
     the 26×26 map that is 6600 where the curve is and 0 where nothing is."""
     fig = Figure(figsize=(10, 3.4))
     axes = [fig.add_subplot(1, 3, i + 1) for i in range(3)]
-    _grid_panel(axes[0], kernel, "7×7 curve detector (30 on the curve)", "Greys", 0, 60)
+    _grid_panel(axes[0], kernel, "7×7 curve detector (30 on the curve)", "Greys", 0, 60, fontsize=8)
     axes[1].imshow(image, cmap="gray", vmin=0, vmax=100, interpolation="nearest")
     axes[1].add_patch(Rectangle((-0.5, -0.5), 7, 7, fill=False, ec="tab:red", lw=2))
     axes[1].add_patch(
         Rectangle((image.shape[1] - 7.5, -0.5), 7, 7, fill=False, ec="tab:blue", lw=2)
     )
-    axes[1].set_title("32×32 image: a curve top left (red)", fontsize=8)
+    axes[1].set_title("32×32 image: red, a curve; blue, nothing", fontsize=8)
     im = axes[2].imshow(fmap, cmap="viridis", interpolation="nearest")
     axes[2].set_title(
         f"26×26 feature map: [0,0] = {fmap[0, 0]:g}, [0,{fmap.shape[1] - 1}] = {fmap[0, -1]:g}",
@@ -443,8 +444,8 @@ def plot_pooling(grid: np.ndarray, results: list[tuple[str, np.ndarray]]) -> Fig
     """Max pooling of a small grid with several windows and strides."""
     fig = Figure(figsize=(3 + 2.6 * len(results), 3))
     ax = fig.add_subplot(1, len(results) + 1, 1)
-    _grid_panel(ax, grid, "input", "Blues", 0, grid.max() * 1.6)
+    _grid_panel(ax, grid, "input", "Blues", 0, grid.max() * 1.6, fontsize=11)
     for i, (label, y) in enumerate(results):
         ax = fig.add_subplot(1, len(results) + 1, i + 2)
-        _grid_panel(ax, y, label, "Oranges", 0, grid.max() * 1.6)
+        _grid_panel(ax, y, label, "Oranges", 0, grid.max() * 1.6, fontsize=11)
     return fig
