@@ -367,7 +367,7 @@ def explain(model, x: np.ndarray, layer: str, at, channel: int | None = None) ->
         position=(r, c),
         channel=k,
         channel_chosen=chosen,
-        input_name="the input image" if base == 0 else names[base - 1],
+        input_name=names[base - 1] if base else _input_name(model),
         input_shape=inp.shape,
         output_shape=y.shape,
         origin=(0, 0),
@@ -423,6 +423,13 @@ def explain(model, x: np.ndarray, layer: str, at, channel: int | None = None) ->
     h, w = model.input_shape[:2]
     e.receptive_field = (max(t, 0), max(left, 0), min(b, h), min(right, w))
     return e
+
+
+def _input_name(model) -> str:
+    prep = model.preprocessing
+    if prep is None:
+        return "the input image"
+    return "the input image, normalised ((pixel/255 − mean)/std)"
 
 
 def _elementwise_step(layer, v: float, k: int) -> Step:

@@ -259,7 +259,8 @@ def plot_explain(e, image: np.ndarray, max_channels: int = 3) -> Figure:
         kmax = float(np.abs(e.kernel).max()) or 1.0
         qmax = float(np.abs(e.products).max()) or 1.0
         for row, ch in enumerate(shown):
-            where = f"{e.input_name} ch {ch}"
+            source = "input" if e.input_name.startswith("the input") else e.input_name
+            where = f"{source} ch {ch}"
             _grid_panel(
                 fig.add_subplot(gs[row, 1]),
                 e.patch[..., ch],
