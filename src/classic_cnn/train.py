@@ -30,6 +30,16 @@ class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
 
 
+class TrainingInterrupted(Exception):
+    """Ctrl-C or SIGTERM arrived; training stopped after the current step. ``checkpoint`` is
+    where the state was saved (None when no checkpoint path was given)."""
+
+    def __init__(self, signum: int, checkpoint: Path | None):
+        self.signum, self.checkpoint = signum, checkpoint
+        where = f"; the state is saved in {checkpoint}" if checkpoint else ""
+        super().__init__(f"interrupted by signal {signum} after a complete step{where}")
+
+
 @dataclass
 class TrainingState:
     """Everything a training run holds; enough to continue it exactly."""
@@ -45,6 +55,13 @@ class TrainingState:
     best_val_loss: float = math.inf
     best_weights: dict[str, np.ndarray] | None = None
     stopped_early: bool = False
+    #: position inside an unfinished epoch, so a checkpoint taken mid-epoch resumes exactly:
+    #: the shuffling Generator's state when the epoch began, the batches done, running sums
+    epoch_rng_state: dict | None = None
+    batch_in_epoch: int = 0
+    epoch_sums: dict = field(default_factory=dict)
+    #: anything the caller wants kept with the state (the command line keeps its settings)
+    extra: dict = field(default_factory=dict)
 
     def rng_states(self) -> dict:
         return {k: g.bit_generator.state for k, g in self.rngs.items()}
@@ -97,6 +114,8 @@ def fit(
     progress: bool | None = None,
     console=None,
     state: TrainingState | None = None,
+    checkpoint: str | Path | None = None,
+    checkpoint_every: int | None = None,
 ) -> TrainingState:
     """Train ``model`` on ``train``; check it on ``val`` after each epoch.
 
@@ -117,7 +136,11 @@ def fit(
     callbacks : called as ``cb(state, row)`` after each epoch; returning "stop" ends training
     progress : live progress bar (default: when the console is a terminal); else one line per
         epoch
-    state : continue from this training state instead of starting afresh
+    state : continue from this training state instead of starting afresh (even mid-epoch)
+    checkpoint : write the whole training state to this file (atomically) after every epoch,
+        every ``checkpoint_every`` steps if given, and when Ctrl-C or SIGTERM stops training
+        (after the current step; then :class:`TrainingInterrupted` is raised). A NaN or
+        infinite loss raises :class:`TrainingDiverged` and leaves the last good checkpoint.
     """
     from rich.console import Console
 
@@ -160,87 +183,142 @@ def fit(
     opt = state.optimizer
     n = len(x)
     steps_per_epoch = math.ceil(n / batch_size)
+    checkpoint = Path(checkpoint) if checkpoint else None
+    per_step = getattr(schedule, "per_step", False)
+    signals = _SignalCatcher()
     _print_header(console, progress)
-    for epoch in range(state.epoch, epochs):
-        per_step = getattr(schedule, "per_step", False)
-        if schedule is not None and not per_step:
-            opt.lr = float(schedule(epoch))
-        t0 = time.perf_counter()
-        seen = correct = 0
-        total_loss = 0.0
-        bar = _Bar(console, epoch, epochs, steps_per_epoch) if progress else None
-        try:
-            batches = iterate_batches(
-                x,
-                y,
-                batch_size,
-                state.rngs["shuffle"],
-                prep,
-                augment,
-                state.rngs["augment"],
-                model.dtype,
-            )
-            for xb, yb in batches:
-                if per_step:
-                    opt.lr = float(schedule(state.step))
-                logits = model.forward(xb, training=True)
-                value = loss.forward(logits, yb)
-                if not math.isfinite(value):
-                    raise TrainingDiverged(
-                        f"the loss became {value} at epoch {epoch + 1}, step {state.step + 1}: "
-                        f"the learning rate ({opt.lr:g}) is probably too high"
-                    )
-                model.backward(loss.backward(), input_grad=False)
-                opt.step(model.parameters(), model.gradients())
-                state.step += 1
-                seen += len(yb)
-                correct += int((logits.argmax(axis=1) == yb).sum())
-                total_loss += value * len(yb)
+    with signals:
+        for epoch in range(state.epoch, epochs):
+            if schedule is not None and not per_step:
+                opt.lr = float(schedule(epoch))
+            if state.batch_in_epoch == 0:
+                state.epoch_rng_state = state.rngs["shuffle"].bit_generator.state
+                state.epoch_sums = {"seen": 0, "correct": 0, "loss": 0.0, "seconds": 0.0}
+            else:  # resuming inside an epoch: replay its order, skip the batches already done
+                state.rngs["shuffle"].bit_generator.state = state.epoch_rng_state
+            sums = state.epoch_sums
+            t0 = time.perf_counter() - sums["seconds"]
+            bar = _Bar(console, epoch, epochs, steps_per_epoch) if progress else None
+            try:
+                batches = iterate_batches(
+                    x,
+                    y,
+                    batch_size,
+                    state.rngs["shuffle"],
+                    prep,
+                    augment,
+                    state.rngs["augment"],
+                    model.dtype,
+                    start_batch=state.batch_in_epoch,
+                )
+                for xb, yb in batches:
+                    if per_step:
+                        opt.lr = float(schedule(state.step))
+                    logits = model.forward(xb, training=True)
+                    value = loss.forward(logits, yb)
+                    if not math.isfinite(value):
+                        kept = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
+                        raise TrainingDiverged(
+                            f"the loss became {value} at epoch {epoch + 1}, step {state.step + 1}: "
+                            f"the learning rate ({opt.lr:g}) is probably too high{kept}"
+                        )
+                    model.backward(loss.backward(), input_grad=False)
+                    opt.step(model.parameters(), model.gradients())
+                    state.step += 1
+                    state.batch_in_epoch += 1
+                    sums["seen"] += len(yb)
+                    sums["correct"] += int((logits.argmax(axis=1) == yb).sum())
+                    sums["loss"] += value * len(yb)
+                    sums["seconds"] = time.perf_counter() - t0
+                    if bar:
+                        bar.update(
+                            sums["seen"],
+                            sums["loss"] / sums["seen"],
+                            sums["correct"] / sums["seen"],
+                            sums["seconds"],
+                        )
+                    if checkpoint and (
+                        signals.caught or (checkpoint_every and state.step % checkpoint_every == 0)
+                    ):
+                        save_state(state, checkpoint)
+                    if signals.caught:
+                        raise TrainingInterrupted(signals.caught[0], checkpoint)
+            finally:
                 if bar:
-                    bar.update(seen, total_loss / seen, correct / seen, time.perf_counter() - t0)
-        finally:
-            if bar:
-                bar.close()
-        row = {
-            "epoch": epoch + 1,
-            "train_loss": total_loss / seen,
-            "train_accuracy": correct / seen,
-            "val_loss": math.nan,
-            "val_accuracy": math.nan,
-            "lr": opt.lr,
-            "seconds": 0.0,
-            "images_per_second": 0.0,
-        }
-        train_seconds = time.perf_counter() - t0
-        if val is not None:
-            result = evaluate(model, (xv, yv), loss=loss)
-            row["val_loss"], row["val_accuracy"] = result["loss"], result["accuracy"]
-        row["seconds"] = time.perf_counter() - t0
-        row["images_per_second"] = seen / train_seconds
-        state.history.append(row)
-        state.epoch = epoch + 1
-        _print_row(console, row, epochs, progress)
-        if val is not None and row["val_loss"] < state.best_val_loss:
-            state.best_val_loss, state.best_epoch = row["val_loss"], epoch + 1
-            state.best_weights = model.state_dict()
-        stop = any(cb(state, row) == "stop" for cb in callbacks)
-        if (
-            early_stopping
-            and state.best_epoch is not None
-            and state.epoch - state.best_epoch >= early_stopping
-        ):
-            console.print(
-                f"early stopping: no lower validation loss for {early_stopping} epochs "
-                f"(best: epoch {state.best_epoch})"
-            )
-            state.stopped_early = True
-            stop = True
-        if stop:
-            break
+                    bar.close()
+            state.batch_in_epoch = 0
+            seen, correct, total_loss = sums["seen"], sums["correct"], sums["loss"]
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": total_loss / seen,
+                "train_accuracy": correct / seen,
+                "val_loss": math.nan,
+                "val_accuracy": math.nan,
+                "lr": opt.lr,
+                "seconds": 0.0,
+                "images_per_second": 0.0,
+            }
+            train_seconds = sums["seconds"]
+            if val is not None:
+                result = evaluate(model, (xv, yv), loss=loss)
+                row["val_loss"], row["val_accuracy"] = result["loss"], result["accuracy"]
+            row["seconds"] = time.perf_counter() - t0
+            row["images_per_second"] = seen / train_seconds
+            state.history.append(row)
+            state.epoch = epoch + 1
+            _print_row(console, row, epochs, progress)
+            if val is not None and row["val_loss"] < state.best_val_loss:
+                state.best_val_loss, state.best_epoch = row["val_loss"], epoch + 1
+                state.best_weights = model.state_dict()
+            if checkpoint:
+                save_state(state, checkpoint)
+            stop = any(cb(state, row) == "stop" for cb in callbacks)
+            if (
+                early_stopping
+                and state.best_epoch is not None
+                and state.epoch - state.best_epoch >= early_stopping
+            ):
+                console.print(
+                    f"early stopping: no lower validation loss for {early_stopping} epochs "
+                    f"(best: epoch {state.best_epoch})"
+                )
+                state.stopped_early = True
+                stop = True
+            if stop:
+                break
     if restore_best and state.best_weights is not None and state.best_epoch != state.epoch:
         model.load_state_dict(state.best_weights)
         console.print(f"kept the weights of epoch {state.best_epoch} (lowest validation loss)")
     return state
+
+
+class _SignalCatcher:
+    """While active (in the main thread), Ctrl-C and SIGTERM are noted instead of raising, so
+    that training can finish its step and save before stopping."""
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self._old: dict = {}
+
+    def _note(self, signum, frame):
+        self.caught.append(signum)
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._note)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,6 +438,10 @@ def save_state(state: TrainingState, path) -> Path:
         "best_epoch": state.best_epoch,
         "best_val_loss": None if math.isinf(state.best_val_loss) else state.best_val_loss,
         "stopped_early": state.stopped_early,
+        "epoch_rng_state": state.epoch_rng_state,
+        "batch_in_epoch": state.batch_in_epoch,
+        "epoch_sums": state.epoch_sums,
+        "extra": state.extra,
     }
     strings = {k: json.dumps(v) for k, v in meta.items()}
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
@@ -423,6 +505,10 @@ def load_state(path) -> TrainingState:
         best_val_loss=math.inf if meta["best_val_loss"] is None else meta["best_val_loss"],
         best_weights=best or None,
         stopped_early=meta["stopped_early"],
+        epoch_rng_state=meta.get("epoch_rng_state"),
+        batch_in_epoch=meta.get("batch_in_epoch", 0),
+        epoch_sums=meta.get("epoch_sums") or {},
+        extra=meta.get("extra") or {},
     )
     state.set_rng_states(meta["rngs"])
     return state

@@ -154,15 +154,17 @@ def iterate_batches(
     augment: Augment | None = None,
     augment_rng: np.random.Generator | None = None,
     dtype=np.float32,
+    start_batch: int = 0,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yield ``(inputs, labels)`` batches; shuffled when ``rng`` is given.
 
     uint8 images are augmented (if asked) and normalised with ``prep``; float arrays are used
-    as they are.
+    as they are. ``start_batch`` skips the first batches of the order without drawing any
+    augmentation for them (to resume inside an epoch).
     """
     order = rng.permutation(len(x)) if rng is not None else np.arange(len(x))
     fill = 0 if prep is None or prep.background == "dark" else 255
-    for start in range(0, len(x), batch_size):
+    for start in range(start_batch * batch_size, len(x), batch_size):
         idx = order[start : start + batch_size]
         xb = x[idx] if rng is not None else x[start : start + batch_size]
         if xb.dtype == np.uint8:
