@@ -172,3 +172,15 @@ def test_architecture_file_errors_name_line_and_layer(tmp_path):
     syntax.write_text('{"layers": [\n {"type": "Flatten",}\n]}')
     with pytest.raises(presets.ArchitectureError, match="line 2: invalid JSON"):
         presets.build(str(syntax))
+
+
+def test_written_files_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        path = io.save(trained_like(), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

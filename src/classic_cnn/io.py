@@ -37,6 +37,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -45,6 +46,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def save(model: Sequential, path, *, dataset=None, hyperparameters=None, metrics=None) -> Path:
@@ -90,7 +97,7 @@ def load(path) -> Sequential:
         with safe_open(str(path), framework="numpy") as f:
             strings = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise ModelFileError(
             f"{path}: not a safetensors model file ({str(exc).splitlines()[0][:120]})"
         ) from None
@@ -107,12 +114,46 @@ def load(path) -> Sequential:
         )
     try:
         meta = {k: (json.loads(v) if k in JSON_KEYS else v) for k, v in strings.items()}
-        model = Sequential.from_config(meta["architecture"])
+        config = meta["architecture"]
+        _check_tensors(config, tensors)  # before building: nothing hostile gets allocated
+        model = Sequential.from_config(config)
         model.load_state_dict(tensors)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise ModelFileError(f"{path}: the model cannot be rebuilt ({exc})") from None
-    model.classes = meta.get("classes")
-    if meta.get("preprocessing"):
-        model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        classes = meta.get("classes")
+        if classes is not None and (
+            not isinstance(classes, list)
+            or not all(isinstance(c, str) for c in classes)
+            or len(classes) != model.output_shape[-1]
+        ):
+            raise ValueError(
+                f"'classes' must list {model.output_shape[-1]} names. Received: {classes!r}"[:300]
+            )
+        model.classes = classes
+        if meta.get("preprocessing"):
+            model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+    except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as exc:
+        raise ModelFileError(f"{path}: the model cannot be rebuilt ({exc})"[:500]) from None
     model.metadata = meta
     return model
+
+
+def _check_tensors(config, tensors: dict[str, np.ndarray]) -> None:
+    """The file's tensors must be exactly the architecture's, in shape, with float dtypes."""
+    from .model import expected_tensors
+
+    if not isinstance(config, dict):
+        raise ValueError(f"'architecture' must be a model config. Received: {config!r}"[:300])
+    expected = expected_tensors(config)
+    missing, extra = sorted(set(expected) - set(tensors)), sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ValueError(
+            f"the weights do not match the architecture: missing {missing}, unexpected {extra}"
+        )
+    for name, shape in expected.items():
+        t = tensors[name]
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(
+                f"weight {name!r} should have shape {tuple(shape)}. "
+                f"Received: shape {tuple(t.shape)}"
+            )
+        if t.dtype.kind != "f":
+            raise ValueError(f"weight {name!r} must be floating point. Received: dtype {t.dtype}")

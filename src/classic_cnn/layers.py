@@ -114,6 +114,11 @@ class Layer:
         """Multiply-accumulates per image."""
         return 0
 
+    def param_shapes(self, input_shape: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        """Shapes of the parameters and buffers this layer would create, without creating them
+        (a model file's tensors are checked against these before anything is allocated)."""
+        return {}
+
     # -- description ------------------------------------------------------------------------
     def get_config(self) -> dict:
         return {"name": self.name}
@@ -225,6 +230,11 @@ class Conv2D(Layer):
             ops.output_size(w, kw, self.stride, pl, pr),
             self.filters,
         )
+
+    def param_shapes(self, input_shape):
+        kh, kw = self.kernel_size
+        shapes = {"kernel": (kh, kw, input_shape[-1], self.filters)}
+        return shapes | ({"bias": (self.filters,)} if self.use_bias else {})
 
     def macs(self, input_shape):
         oh, ow, _ = self.output_shape(input_shape)
@@ -391,6 +401,10 @@ class Dense(Layer):
     def output_shape(self, input_shape):
         return (self.units,)
 
+    def param_shapes(self, input_shape):
+        shapes = {"kernel": (input_shape[0], self.units)}
+        return shapes | ({"bias": (self.units,)} if self.use_bias else {})
+
     def macs(self, input_shape):
         return input_shape[0] * self.units
 
@@ -475,6 +489,10 @@ class BatchNorm(Layer):
             raise ValueError(
                 f"{self._label()} expects {self.input_shape[-1]} channels. Received: {received}"
             )
+
+    def param_shapes(self, input_shape):
+        c = (input_shape[-1],)
+        return {"gamma": c, "beta": c, "running_mean": c, "running_var": c}
 
     def _build(self, input_shape, rng, dtype):
         c = input_shape[-1]

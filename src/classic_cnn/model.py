@@ -16,6 +16,38 @@ from .layers import Dropout, Layer, Softmax, _fmt_shape, layer_from_config
 from .losses import CrossEntropyLoss, Loss
 
 
+def name_layers(layers: list[Layer]) -> None:
+    """Give every unnamed layer a unique name such as ``conv2d_1``, in order."""
+    seen: dict[str, int] = {}
+    names = set()
+    for layer in layers:
+        if layer.name is None:
+            base = layer.default_name
+            seen[base] = seen.get(base, 0) + 1
+            while f"{base}_{seen[base]}" in names or any(
+                other.name == f"{base}_{seen[base]}" for other in layers
+            ):
+                seen[base] += 1
+            layer.name = f"{base}_{seen[base]}"
+        if layer.name in names:
+            raise ValueError(f"layer names must be unique. Received: {layer.name!r} twice")
+        names.add(layer.name)
+
+
+def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
+    """The name and shape of every tensor a model of ``config`` holds, computed from the
+    architecture alone, without allocating anything."""
+    layers = [layer_from_config(spec) for spec in config["layers"]]
+    name_layers(layers)
+    shape = tuple(int(s) for s in config["input_shape"])
+    out = {}
+    for layer in layers:
+        layer._check_shape(shape, f"input shape {shape} per image")
+        out.update({f"{layer.name}.{k}": v for k, v in layer.param_shapes(shape).items()})
+        shape = layer.output_shape(shape)
+    return out
+
+
 class Sequential:
     """A stack of layers for images of ``input_shape`` (H, W, C).
 
@@ -61,20 +93,7 @@ class Sequential:
         self._build()
 
     def _name_layers(self):
-        seen: dict[str, int] = {}
-        names = set()
-        for layer in self.layers:
-            if layer.name is None:
-                base = layer.default_name
-                seen[base] = seen.get(base, 0) + 1
-                while f"{base}_{seen[base]}" in names or any(
-                    other.name == f"{base}_{seen[base]}" for other in self.layers
-                ):
-                    seen[base] += 1
-                layer.name = f"{base}_{seen[base]}"
-            if layer.name in names:
-                raise ValueError(f"layer names must be unique. Received: {layer.name!r} twice")
-            names.add(layer.name)
+        name_layers(self.layers)
 
     def _build(self):
         shape = self.input_shape

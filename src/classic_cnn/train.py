@@ -455,20 +455,30 @@ def load_state(path) -> TrainingState:
     then continues exactly where it stopped."""
     from safetensors import SafetensorError, safe_open
 
-    from .losses import LOSSES
-    from .optim import OPTIMIZERS
-
     path = Path(path)
     try:
         with safe_open(str(path), framework="numpy") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            raw = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:
         raise ValueError(f"{path}: not a training-state file ({exc})") from None
-    if meta.get("format") != STATE_FORMAT:
-        raise ValueError(f"{path}: not a classic-cnn training-state file")
+    if raw.get("format") != json.dumps(STATE_FORMAT):
+        raise ValueError(f"{path}: not a classic-cnn training-state file (a model file?)")
+    try:
+        return _state_from(meta={k: json.loads(v) for k, v in raw.items()}, tensors=tensors)
+    except (KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"{path}: the training state cannot be rebuilt ({exc})"[:500]) from None
+
+
+def _state_from(meta: dict, tensors: dict) -> TrainingState:
+    from .io import _check_tensors
+    from .losses import LOSSES
+    from .optim import OPTIMIZERS
+
+    weights = {k[6:]: v for k, v in tensors.items() if k.startswith("model/")}
+    _check_tensors(meta["architecture"], weights)  # before building anything it describes
     model = Sequential.from_config(meta["architecture"])
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model/")})
+    model.load_state_dict(weights)
     model.classes = meta["classes"]
     if meta["preprocessing"]:
         model.preprocessing = Preprocessing.from_dict(meta["preprocessing"])
