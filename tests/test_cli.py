@@ -58,6 +58,7 @@ def trained(data_env):
 def test_train_writes_the_run_folder(trained):
     run_dir = trained.parent
     assert sorted(p.name for p in run_dir.iterdir()) == [
+        "checkpoint.safetensors",
         "history.csv",
         "history.json",
         "model.safetensors",
@@ -250,3 +251,59 @@ def test_summary_and_data_list(data_env, trained):
 def test_debug_shows_the_traceback(data_env):
     result = run("--debug", "train", "--data", "cifar")
     assert result.exit_code == 1 and isinstance(result.exception, ValueError)
+
+
+RESUME_WORKER = """
+import os, signal, sys
+import classic_cnn.optim as optim
+from classic_cnn.cli import main
+
+# a learning-rate schedule that also sends this process {sig} before step {at}: a real
+# interruption at a known point of training
+_call = optim.CosineDecay.__call__
+calls = []
+def call(self, t):
+    calls.append(t)
+    if len(calls) == {epoch_at}:
+        os.kill(os.getpid(), signal.{sig})
+    return _call(self, t)
+optim.CosineDecay.__call__ = call
+sys.argv = ["cnn", *{args!r}]
+main()
+"""
+
+
+@pytest.mark.parametrize("sig,code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_interrupt_a_real_run_then_resume_to_the_same_weights(data_env, sig, code):
+    """A subprocess is interrupted by a real signal at the start of epoch 2 (it finishes the
+    step, saves, exits 130/143); `cnn train --resume` then ends with weights equal, bit for bit,
+    to an uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.numpy import load_file
+
+    args = [*TRAIN, "--epochs", "3", "--augment"]
+    assert run(*args, "--out", data_env / "straight").exit_code == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    worker = RESUME_WORKER.format(
+        sig=sig, at="epoch 2", epoch_at=2, args=[*args, "--out", str(data_env / "cut")]
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", worker],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=data_env,
+        timeout=300,
+    )
+    assert proc.returncode == code, proc.stderr
+    ckpt = data_env / "cut" / "checkpoint.safetensors"
+    assert f"cnn train --resume {ckpt}" in proc.stderr
+    assert not (data_env / "cut" / "model.safetensors").exists()
+    result = run("train", "--resume", ckpt)
+    assert result.exit_code == 0, result.output
+    a = load_file(str(data_env / "straight" / "model.safetensors"))
+    b = load_file(str(data_env / "cut" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

@@ -147,60 +147,115 @@ def train(
         Path | None, typer.Option(help="Run folder (default: runs/ARCH-DATE-TIME).")
     ] = None,
     overwrite: Annotated[bool, typer.Option(help="Allow a non-empty run folder.")] = False,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(min=1, help="Also checkpoint every N steps (always: after each epoch)."),
+    ] = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            help="Continue an interrupted run from its checkpoint.safetensors, with the run's "
+            "own settings (the other options are ignored, but --threads)."
+        ),
+    ] = None,
 ) -> None:
-    """Train a network; writes model.safetensors and the history to the run folder."""
+    """Train a network; writes model.safetensors, the history, report.html and a checkpoint
+    (after every epoch) to the run folder. Ctrl-C or SIGTERM stop after the current step, save
+    the checkpoint and say how to resume."""
+    if resume is not None:
+        from .train import load_state
+
+        state = load_state(resume)
+        settings = state.extra.get("settings")
+        if not settings:
+            raise ValueError(f"{resume} was not written by cnn train: it has no run settings")
+        typer.echo(f"resuming {settings['out']} at epoch {state.epoch + 1}, step {state.step}")
+        _run_training(settings, threads, state)
+        return
+    settings = {
+        "data": data,
+        "arch": arch,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "optimizer": optimizer.value,
+        "loss": loss.value,
+        "augment": augment,
+        "seed": seed,
+        "val": val,
+        "limit": limit,
+        "early_stopping": early_stopping,
+        "checkpoint_every": checkpoint_every,
+        "out": str(out or Path("runs") / f"{Path(arch).stem}-{_now()}"),
+    }
+    _check_run_dir(Path(settings["out"]), overwrite)
+    _run_training(settings, threads)
+
+
+def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
+    """Train as ``s`` (the run's settings) says, from scratch or from ``state``; write the run
+    folder. Returns the model file's path."""
     from . import io, presets
     from .data.batches import Augment
     from .optim import CosineDecay
-    from .train import fit, make_optimizer, write_history
+    from .train import TrainingInterrupted, fit, make_optimizer, write_history
 
-    out = out or Path("runs") / f"{Path(arch).stem}-{_now()}"
-    _check_run_dir(out, overwrite)
+    out = Path(s["out"])
     with _threads(threads):
-        full = load_data(data, "train")
-        n_val = min(val, len(full) // 5) if len(full) < 5 * val else val
-        train_set, val_set = full.stratified_split(n_val, seed=seed)
-        if limit:
-            train_set = train_set.take(limit)
-        model = presets.build(arch, classes=len(full.classes), seed=seed)
-        opt = make_optimizer(optimizer.value, lr)
+        full = load_data(s["data"], "train")
+        n_val = min(s["val"], len(full) // 5) if len(full) < 5 * s["val"] else s["val"]
+        train_set, val_set = full.stratified_split(n_val, seed=s["seed"])
+        if s["limit"]:
+            train_set = train_set.take(s["limit"])
+        if state is None:
+            model = presets.build(s["arch"], classes=len(full.classes), seed=s["seed"])
+            opt = make_optimizer(s["optimizer"], s["lr"])
+            s["base_lr"] = opt.lr
+        else:
+            model, opt = state.model, state.optimizer
         typer.echo(
             f"training {model.name} ({model.count_params():,} parameters) on {full.name}: "
             f"{len(train_set):,} images, {len(val_set):,} held out for validation; "
-            f"{optimizer.value} lr {opt.lr:g} (cosine decay), {loss.value} loss; run folder {out}"
+            f"{s['optimizer']} lr {s['base_lr']:g} (cosine decay), {s['loss']} loss; "
+            f"run folder {out}"
         )
-        aug = Augment(shift=2, flip=full.background == "light") if augment else None
-        state = fit(
-            model,
-            train_set,
-            val_set,
-            epochs=epochs,
-            batch_size=batch_size,
-            optimizer=opt,
-            loss=loss.value,
-            schedule=CosineDecay(opt.lr, total=epochs),
-            seed=seed,
-            augment=aug,
-            early_stopping=early_stopping,
-        )
-    out.mkdir(parents=True, exist_ok=True)
+        aug = Augment(shift=2, flip=full.background == "light") if s["augment"] else None
+        out.mkdir(parents=True, exist_ok=True)
+        checkpoint = out / "checkpoint.safetensors"
+        try:
+            state = fit(
+                model,
+                train_set,
+                val_set,
+                epochs=s["epochs"],
+                batch_size=s["batch_size"],
+                optimizer=opt,
+                loss=s["loss"],
+                schedule=CosineDecay(s["base_lr"], total=s["epochs"]),
+                seed=s["seed"],
+                augment=aug,
+                early_stopping=s["early_stopping"],
+                state=state,
+                checkpoint=checkpoint,
+                checkpoint_every=s["checkpoint_every"],
+                extra={"settings": s},
+            )
+        except TrainingInterrupted as stop:
+            typer.echo(
+                f"\ninterrupted: the state after step {stop.step} is saved in {checkpoint}; "
+                f"continue with: cnn train --resume {checkpoint}",
+                err=True,
+            )
+            raise typer.Exit(128 + stop.signum) from None
     best = state.history[(state.best_epoch or state.epoch) - 1]
+    hyper = {k: s[k] for k in ("arch", "epochs", "batch_size", "optimizer", "loss", "seed")}
+    hyper |= {"lr": s["base_lr"], "schedule": "cosine", "threads": threads}
+    hyper["augment"] = aug.to_dict() if aug else None
     path = io.save(
         model,
         out / "model.safetensors",
-        dataset={"name": full.name, "source": full.source, "split_seed": seed, "n_val": n_val},
-        hyperparameters={
-            "arch": arch,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "optimizer": optimizer.value,
-            "lr": opt.lr if lr is None else lr,
-            "schedule": "cosine",
-            "loss": loss.value,
-            "augment": aug.to_dict() if aug else None,
-            "seed": seed,
-            "threads": threads,
-        },
+        dataset={"name": full.name, "source": full.source, "split_seed": s["seed"], "n_val": n_val},
+        hyperparameters=hyper,
         metrics={
             "val_loss": best["val_loss"],
             "val_accuracy": best["val_accuracy"],
@@ -214,23 +269,24 @@ def train(
     )
     info = {
         "data": f"{full.name} ({full.source})" if getattr(full, "source", None) else full.name,
-        "architecture": arch,
+        "architecture": s["arch"],
         "parameters": f"{model.count_params():,}",
         "training images": f"{len(train_set):,}",
         "validation images": f"{len(val_set):,}",
-        "epochs": f"{state.epoch} of {epochs}",
+        "epochs": f"{state.epoch} of {s['epochs']}",
         "best epoch": best["epoch"],
         "validation accuracy": f"{100 * best['val_accuracy']:.2f}%",
         "validation loss": f"{best['val_loss']:.4f}",
-        "optimizer": f"{optimizer.value}, lr {opt.lr if lr is None else lr:g}, cosine decay",
-        "loss": loss.value,
-        "batch size": batch_size,
+        "optimizer": f"{s['optimizer']}, lr {s['base_lr']:g}, cosine decay",
+        "loss": s["loss"],
+        "batch size": s["batch_size"],
         "augment": "yes" if aug else "no",
-        "seed": seed,
+        "seed": s["seed"],
         "model file": str(path),
     }
     report = _write_report(out, model, state.history, val_set, info)
     typer.echo(f"report: {report}")
+    return path
 
 
 def _write_report(out: Path, model, history, val_set, info) -> Path:
@@ -723,23 +779,23 @@ def demo(
     out: Annotated[Path, typer.Option(help="Run folder.")] = Path("runs/demo"),
 ) -> None:
     """Train the default network on Fashion-MNIST, test it, predict a few test images."""
-    train(
-        data=DEFAULT_DATA,
-        arch="small",
-        epochs=epochs,
-        batch_size=64,
-        lr=None,
-        optimizer=OptimizerName.adam,
-        loss=LossName.cross_entropy,
-        augment=False,
-        seed=0,
-        threads=None,
-        val=5000,
-        limit=None,
-        early_stopping=None,
-        out=out,
-        overwrite=True,
-    )
+    settings = {
+        "data": DEFAULT_DATA,
+        "arch": "small",
+        "epochs": epochs,
+        "batch_size": 64,
+        "lr": None,
+        "optimizer": "adam",
+        "loss": "cross-entropy",
+        "augment": False,
+        "seed": 0,
+        "val": 5000,
+        "limit": None,
+        "early_stopping": None,
+        "checkpoint_every": None,
+        "out": str(out),
+    }
+    _run_training(settings)
     model_file = out / "model.safetensors"
     test(model_path=model_file, data=None, limit=None, as_json=False)
     from . import io

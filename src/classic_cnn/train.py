@@ -34,8 +34,8 @@ class TrainingInterrupted(Exception):
     """Ctrl-C or SIGTERM arrived; training stopped after the current step. ``checkpoint`` is
     where the state was saved (None when no checkpoint path was given)."""
 
-    def __init__(self, signum: int, checkpoint: Path | None):
-        self.signum, self.checkpoint = signum, checkpoint
+    def __init__(self, signum: int, checkpoint: Path | None, step: int = 0):
+        self.signum, self.checkpoint, self.step = signum, checkpoint, step
         where = f"; the state is saved in {checkpoint}" if checkpoint else ""
         super().__init__(f"interrupted by signal {signum} after a complete step{where}")
 
@@ -116,6 +116,7 @@ def fit(
     state: TrainingState | None = None,
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
+    extra: dict | None = None,
 ) -> TrainingState:
     """Train ``model`` on ``train``; check it on ``val`` after each epoch.
 
@@ -141,6 +142,7 @@ def fit(
         every ``checkpoint_every`` steps if given, and when Ctrl-C or SIGTERM stops training
         (after the current step; then :class:`TrainingInterrupted` is raised). A NaN or
         infinite loss raises :class:`TrainingDiverged` and leaves the last good checkpoint.
+    extra : JSON-able data kept in the state and its checkpoints (e.g. the run's settings)
     """
     from rich.console import Console
 
@@ -180,6 +182,8 @@ def fit(
                 "dropout": model.dropout_rng,
             },
         )
+    if extra:
+        state.extra.update(extra)
     opt = state.optimizer
     n = len(x)
     steps_per_epoch = math.ceil(n / batch_size)
@@ -242,7 +246,7 @@ def fit(
                     ):
                         save_state(state, checkpoint)
                     if signals.caught:
-                        raise TrainingInterrupted(signals.caught[0], checkpoint)
+                        raise TrainingInterrupted(signals.caught[0], checkpoint, state.step)
             finally:
                 if bar:
                     bar.close()
