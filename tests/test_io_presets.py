@@ -88,7 +88,7 @@ def test_an_existing_model_survives_a_failed_write(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(io.os, "replace", broken_replace)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=r"No space left.*the existing file is unchanged"):
         io.save(trained_like(seed=1), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
@@ -184,3 +184,34 @@ def test_written_files_get_the_usual_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_a_disk_that_fills_midway_keeps_the_existing_model(tmp_path, monkeypatch):
+    path = io.save(trained_like(seed=0), tmp_path / "m.safetensors")
+    before = path.read_bytes()
+    real_fdopen = io.os.fdopen
+
+    class FillsUp:
+        """A file that takes the first 1,000 bytes, then reports a full disk."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[:1000])
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    monkeypatch.setattr(io.os, "fdopen", lambda fd, mode: FillsUp(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match=r"could not write .*m\.safetensors.*No space left"):
+        io.save(trained_like(seed=1), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

@@ -450,3 +450,48 @@ def test_download_sums_match_the_debian_files_content(fname):
     upstream = header + debian[10:]
     assert hashlib.sha256(upstream).hexdigest() == spec.sha256[fname]
     assert gzip.decompress(upstream)[:4] == b"\x00\x00\x08" + bytes([3 if "images" in fname else 1])
+
+
+def test_an_interrupted_download_leaves_no_half_file(places, monkeypatch):
+    """The server promises the whole file, sends half of it and hangs up: the download fails
+    with a clear message, and nothing is left in the cache that a later run would take as
+    complete."""
+    served = write_dataset(places["tmp"] / "served-half", fill=3, n_train=30, n_test=12)
+    spec = DATASETS["fashion-mnist"]
+    for fname in spec.files.values():
+        monkeypatch.setitem(spec.sha256, fname, sha256(served / fname))
+
+    class HalfHandler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            data = (served / self.path.lstrip("/")).read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HalfHandler)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+    )
+    thread.start()
+    try:
+        monkeypatch.setenv("CLASSIC_CNN_MIRROR", f"http://127.0.0.1:{httpd.server_address[1]}/")
+        with pytest.raises(DatasetNotFound, match="download failed"):
+            load_dataset("fashion-mnist", "test")
+        assert files_under(places["cache"]) == []
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=10)
+    # with the files now served whole, the same call succeeds from scratch
+    srv = Server(served)
+    try:
+        monkeypatch.setenv("CLASSIC_CNN_MIRROR", srv.url)
+        assert len(load_dataset("fashion-mnist", "test")) == 12
+    finally:
+        srv.stop()

@@ -43,6 +43,10 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the existing file is unchanged" if path.exists() else "nothing was written"
+        raise OSError(exc.errno, f"could not write {path} ({exc.strerror or exc}); {kept}") from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
