@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
+
+#: examples per fuzz test; CI runs this bounded count, CLASSIC_CNN_FUZZ_EXAMPLES=20000 runs longer
+FUZZ_EXAMPLES = int(os.environ.get("CLASSIC_CNN_FUZZ_EXAMPLES", "150"))
 
 
 def rel_error(a, n) -> float:

@@ -18,6 +18,7 @@ import classic_cnn as cc
 from classic_cnn import io, presets
 from classic_cnn.train import load_state
 
+from .conftest import FUZZ_EXAMPLES
 from .test_io_presets import trained_like
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,9 @@ def test_nothing_in_the_project_unpickles():
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.binary(max_size=400))
 def test_fuzz_random_bytes_never_crash_the_loader(tmp_path, data):
@@ -165,7 +168,9 @@ def test_fuzz_random_bytes_never_crash_the_loader(tmp_path, data):
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.data())
 def test_fuzz_mutated_model_files(tmp_path, good_bytes, data):
@@ -189,7 +194,9 @@ LAYER_NAMES = ["Conv2D", "Dense", "ReLU", "MaxPool2D", "Flatten", "Dropout", "Ba
 
 
 @settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(
     st.lists(
@@ -222,7 +229,9 @@ def test_fuzz_architecture_files(tmp_path, layers, input_shape):
 
 
 @settings(
-    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 @given(st.text(max_size=300))
 def test_fuzz_architecture_text(tmp_path, text):

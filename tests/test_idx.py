@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from classic_cnn.data import Dataset, IDXError, load_idx_pair, read_idx, write_idx
 
+from .conftest import FUZZ_EXAMPLES
+
 
 def idx_bytes(dims, type_code=0x08, data=None, ndim=None):
     """An IDX file's bytes, built by hand so that malformed ones can be made too."""
@@ -268,7 +270,9 @@ def read_or_value_error(path):
 
 
 FUZZ = settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=FUZZ_EXAMPLES,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
 )
 
 
