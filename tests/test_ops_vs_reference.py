@@ -22,6 +22,13 @@ CONV_CASES = [
     ((1, 12, 12, 3), (7, 7), 2, 2, 2),
     ((2, 5, 5, 8), (1, 1), 3, 1, "valid"),  # 1×1 kernel
     ((2, 4, 4, 2), (4, 4), 3, 1, "valid"),  # kernel as large as the input
+    # the paths of ops.conv2d_forward: stride 1 with KH·KW·C_in < DIRECT_MAX_PATCH is computed
+    # directly (compiled loops); the rest as im2col × kernels
+    ((3, 28, 28, 1), (5, 5), 6, 1, "same"),  # LeNet's first conv: direct
+    ((2, 14, 14, 6), (5, 5), 16, 1, "valid"),  # LeNet's second conv: 150 per patch, im2col
+    ((2, 9, 9, 8), (5, 5), 3, 1, "same"),  # stride 1 with 200 per patch: im2col
+    ((2, 11, 9, 10), (3, 3), 10, 1, "valid"),  # TinyVGG's second conv: direct
+    ((1, 1, 1, 2), (1, 1), 2, 1, "valid"),  # a single pixel
 ]
 
 
@@ -64,6 +71,8 @@ POOL_CASES = [
     ((1, 7, 10, 4), (2, 3), 1),
     ((2, 12, 12, 1), (4, 4), 4),
     ((2, 6, 6, 2), (3, 3), 3),
+    ((3, 28, 28, 6), (2, 2), 2),  # LeNet's first pooling
+    ((1, 20, 20, 2), (17, 17), 1),  # more than 256 positions in a window
 ]
 
 

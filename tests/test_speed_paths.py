@@ -1,0 +1,116 @@
+"""The compiled fast paths of ops.py: both convolution algorithms held to the loop reference,
+bit-identical training steps, and numba kept out of start-up."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from classic_cnn import SGD as Sgd
+from classic_cnn import CrossEntropyLoss, ops, presets
+from classic_cnn import reference as ref
+
+from .conftest import rel_error
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("cin,kernel,stride", [(1, 5, 1), (3, 3, 1), (6, 5, 1), (3, 3, 2)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_direct_and_im2col_paths_match_reference(rng, dtype, tol, cin, kernel, stride, bias):
+    x = rng.normal(size=(2, 9, 8, cin)).astype(dtype)
+    w = rng.normal(size=(kernel, kernel, cin, 4)).astype(dtype)
+    b = rng.normal(size=4).astype(dtype) if bias else None
+    direct = ops._direct(w, stride)
+    assert direct == (stride == 1 and kernel * kernel * cin < ops.DIRECT_MAX_PATCH)
+    y, cache = ops.conv2d_forward(x, w, b, stride, "same")
+    assert y.dtype == dtype and y.flags.c_contiguous
+    assert rel_error(y, ref.conv2d_forward(x, w, b, stride, "same")) < tol
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dx, dw, db = ops.conv2d_backward(dy, cache)
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, x, w, stride, "same")
+    assert dx.dtype == dw.dtype == dtype
+    assert rel_error(dx, dx_ref) < tol and rel_error(dw, dw_ref) < tol
+    assert (db is None) if b is None else rel_error(db, db_ref) < tol
+    none, dw2, _ = ops.conv2d_backward(dy, cache, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+
+
+def test_conv_accepts_non_contiguous_inputs(rng):
+    x = rng.normal(size=(2, 10, 10, 3)).astype(np.float32)[:, ::2, 1:, :]
+    w = rng.normal(size=(3, 3, 3, 2)).astype(np.float32)
+    y, cache = ops.conv2d_forward(x, w, None, 1, "valid")
+    assert rel_error(y, ref.conv2d_forward(x, w, None, 1, "valid")) < 1e-5
+    dy = rng.normal(size=y.shape).astype(np.float32)[..., ::-1]
+    dx, dw, _ = ops.conv2d_backward(dy, cache)
+    dx_ref, dw_ref, _ = ref.conv2d_backward(np.ascontiguousarray(dy), x, w, 1, "valid")
+    assert rel_error(dx, dx_ref) < 1e-5 and rel_error(dw, dw_ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_relu_backward_matches_numpy(rng, dtype):
+    x = rng.normal(size=(3, 5, 4, 2)).astype(dtype)
+    x[0, 0, 0, 0] = 0.0
+    _, cache = ops.relu_forward(x)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    dx = ops.relu_backward(dy, cache)
+    assert dx.dtype == dtype
+    np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0))
+
+
+@pytest.mark.parametrize("arch", ["lenet5", "small", "article"])
+def test_a_training_step_twice_gives_bit_identical_weights(arch):
+    """Same weights, data and thread count: two training steps agree to the last bit."""
+
+    def step():
+        model = presets.build(arch, seed=3)
+        data = np.random.default_rng(1).random((16, *model.input_shape), dtype=np.float32)
+        labels = np.arange(16) % 10
+        opt = Sgd(lr=0.05, momentum=0.9)
+        losses = [model.train_step(data, labels, CrossEntropyLoss(), opt) for _ in range(2)]
+        return losses, model.state_dict()
+
+    (l1, w1), (l2, w2) = step(), step()
+    assert l1 == l2
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert np.array_equal(w1[k], w2[k]), k
+
+
+def test_weight_gradient_does_not_depend_on_the_thread_count(rng):
+    """The direct path sums per image, then in image order: any thread count, same bits."""
+    numba = pytest.importorskip("numba")
+    x = rng.normal(size=(8, 12, 12, 3)).astype(np.float32)
+    w = rng.normal(size=(5, 5, 3, 6)).astype(np.float32)
+    y, _ = ops.conv2d_forward(x, w, None, 1, "same")
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    before = numba.get_num_threads()
+    results = []
+    try:
+        for threads in sorted({1, numba.config.NUMBA_NUM_THREADS}):
+            numba.set_num_threads(threads)
+            results.append(ops.conv2d_backward(dy, ops.conv2d_forward(x, w, None, 1, "same")[1]))
+    finally:
+        numba.set_num_threads(before)
+    for got in results[1:]:
+        for a, b in zip(got, results[0], strict=True):
+            assert (a is None and b is None) or np.array_equal(a, b)
+
+
+def test_importing_the_package_and_cnn_help_do_not_load_numba():
+    """numba costs a large fraction of a second to import: only computing loads it."""
+    code = "import sys, classic_cnn, classic_cnn.cli\nprint('numba' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    help_run = (
+        "import sys\n"
+        "from classic_cnn.cli import main\n"
+        "sys.argv = ['cnn', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print('numba' in sys.modules, file=sys.stderr)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", help_run], capture_output=True, text=True)
+    assert out.stderr.strip().splitlines()[-1] == "False", out.stderr
