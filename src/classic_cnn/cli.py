@@ -813,6 +813,27 @@ def demo(
 
 
 @app.command()
+@friendly
+def serve(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model.safetensors file.")],
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (default: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+) -> None:
+    """The explorer: a local web page to draw or drop an image and watch the network think
+    (predictions, every layer's feature maps, the arithmetic behind any number)."""
+    try:
+        from .serve import serve as serve_
+    except ImportError as exc:
+        raise RuntimeError(
+            f"the explorer needs the 'serve' extra ({exc.name} is missing): "
+            "pip install 'classic-cnn[serve]'"
+        ) from None
+    serve_(model_path, host=host, port=port, echo=typer.echo)
+
+
+@app.command()
 def version() -> None:
     """Print the installed version."""
     from . import __version__
