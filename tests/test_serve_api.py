@@ -20,7 +20,7 @@ pytest.importorskip("fastapi", reason="the explorer needs the 'serve' extra (fas
 pytest.importorskip("multipart", reason="the explorer needs the 'serve' extra (python-multipart)")
 
 with warnings.catch_warnings():  # newer Starlette prefers another HTTP client; both work
-    warnings.simplefilter("ignore", DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*httpx.*")
     from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -33,7 +33,7 @@ from classic_cnn.explain import layer_outputs, prepare_image
 from classic_cnn.serve import MAX_UPLOAD_BYTES, create_app
 from classic_cnn.serve.app import host_name
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*httpx.*")
 
 CLASSES = [f"class {i}" for i in range(10)]
 

@@ -34,10 +34,20 @@ const state = {
   drawDirty: false,
   drawBusy: false,
   inputSeq: 0, // the newest input; older answers are dropped
+  ops: 0, // user actions still being answered (a file, a test image, a click)
 };
 window.explorer = {
   state,
-  idle: () => state.pending === 0 && !state.drawDirty && !state.drawBusy,
+  idle: () => state.ops === 0 && state.pending === 0 && !state.drawDirty && !state.drawBusy,
+};
+// an action's whole chain of requests counts as one operation, so idle() has no gaps
+const track = (fn) => async (...args) => {
+  state.ops += 1;
+  try {
+    return await fn(...args);
+  } finally {
+    state.ops -= 1;
+  }
 };
 
 async function api(path, options = {}) {
@@ -303,7 +313,7 @@ function gridTable(g, opts = {}) {
 const channelOf = (a, k) => a.map((row) => row.map((px) => px[k]));
 const labelled = (node, label) => el("div", {}, node, el("div", { class: "grid-label", text: label }));
 
-async function explainUnit(pick) {
+const explainUnit = track(async (pick) => {
   if (!state.seen) return;
   let e;
   try {
@@ -318,7 +328,7 @@ async function explainUnit(pick) {
   if (state.pick !== pick) return; // another unit was clicked meanwhile
   renderExplanation(e);
   markPick();
-}
+});
 
 function renderExplanation(e) {
   const body = $("#explain-body");
@@ -486,7 +496,7 @@ function sendDrawing(final = false) {
 
 function setupFile() {
   const drop = $("#drop");
-  const take = async (file) => {
+  const take = track(async (file) => {
     if (!file) return;
     const limit = state.summary.max_upload_bytes;
     if (file.size > limit) {
@@ -507,7 +517,7 @@ function setupFile() {
     } catch (e) {
       showMessage(e.message);
     }
-  };
+  });
   $("#file").addEventListener("change", (ev) => take(ev.target.files[0]));
   drop.addEventListener("dragover", (ev) => {
     ev.preventDefault();
@@ -522,7 +532,7 @@ function setupFile() {
   $("#invert").addEventListener("change", () => take($("#file").files[0]));
 }
 
-async function randomSample() {
+const randomSample = track(async () => {
   try {
     const s = await api("/api/sample");
     $("#sample-info").textContent =
@@ -531,7 +541,7 @@ async function randomSample() {
   } catch (e) {
     showMessage(e.message);
   }
-}
+});
 
 // ---------------------------------------------------------------------------------------------
 // the model: header, filters, summary table
