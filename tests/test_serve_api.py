@@ -457,3 +457,30 @@ def test_cnn_serve_bad_model_is_one_line(tmp_path):
     )
     assert r.returncode == 1
     assert r.stderr.strip().startswith("error:") and "no such model file" in r.stderr
+
+
+def test_a_port_in_use_is_one_line(setup):
+    import socket
+
+    path = setup[1]
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        r = subprocess.run(
+            [sys.executable, "-m", "classic_cnn.cli", "serve", str(path), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert r.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_hosts_allowed_for_each_binding():
+    from classic_cnn.serve.app import allowed_hosts
+
+    assert allowed_hosts("127.0.0.1") == {"127.0.0.1", "localhost", "::1"}
+    assert allowed_hosts("192.168.1.5") == {"192.168.1.5"}
+    everywhere = allowed_hosts("0.0.0.0")
+    assert {"127.0.0.1", "localhost"} <= everywhere and "evil.example" not in everywhere
