@@ -24,6 +24,16 @@ from .train import fit
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name: str):
+    # ONNX export loads lazily: `import classic_cnn` never imports onnx (an optional extra)
+    if name == "export_onnx":
+        from .export import export_onnx
+
+        return export_onnx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
     "ELU",
     "SGD",
@@ -49,6 +59,7 @@ __all__ = [
     "Tanh",
     "__version__",
     "evaluate",
+    "export_onnx",
     "fit",
     "gradient_check",
     "load",
