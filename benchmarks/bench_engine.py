@@ -1,25 +1,35 @@
-"""Benchmark: classic-cnn against PyTorch (CPU, eager) on a LeNet-5-style network.
+"""Benchmark: classic-cnn against PyTorch (CPU, eager), side by side, on four networks.
 
-What is timed, for both engines, in the same run::
+What is timed, for both engines, in the same run, for each network (the presets ``lenet5``
+28×28×1, ``tinyvgg`` 64×64×3, ``article`` 32×32×3 and ``small``, the default network, standing
+in for the strong Fashion-MNIST preset that is not built yet)::
 
     training step     forward + cross-entropy + backward + SGD(lr 0.01, momentum 0.9), batch 64, 256
     inference         softmax probabilities (predict_proba / no_grad + softmax), batch 1000
     latency           the same on one image
 
-Method: both models start from the same weights (ours copied into PyTorch, checked by comparing
-logits and the first training losses); each measurement is warmed up first (not timed), then
-timed in ``--repeats`` repeats, interleaved ours, torch, ours, torch, ..., each repeat running
-enough steps to last ``--min-time`` seconds. Reported: the median images per second of each
-engine, its spread (min–max; the JSON also has the quartiles and every sample) and the ratio
-ours/torch of the medians, with the min–max of the per-repeat ratios (a repeat of ours and the
-torch repeat right after it share the machine's conditions, so their ratio is less noisy than
-either number). NumPy's BLAS and PyTorch use the same number of threads.
+and once per run: the achieved GFLOP/s of each figure against a measured large-matrix-product
+peak (NumPy's float32 BLAS); the peak memory (``ru_maxrss``) of default training epochs on
+Fashion-MNIST in a child process that never imports torch, with its resident memory after each
+epoch (no growth: epoch 5 within 5% of epoch 2); the start-up time of ``cnn --help`` and of
+``cnn predict MODEL IMAGE`` as subprocesses.
+
+Method: both models start from the same weights (ours copied into PyTorch, equal parameter
+counts asserted, logits compared, and the first training losses where the network has no
+dropout); each measurement is warmed up first (not timed), then timed in ``--repeats``
+repeats, interleaved ours, torch, ours, torch, ..., each repeat running enough steps to last
+``--min-time`` seconds. Reported: the median images per second of each engine, its spread
+(min–max; the JSON also has the quartiles and every sample) and the ratio ours/torch of the
+medians, with the min–max of the per-repeat ratios. NumPy's BLAS, classic-cnn's compiled loops
+(numba) and PyTorch use the same number of threads.
 
 Run it with ``make bench`` (installs the ``bench`` extra: torch and threadpoolctl), or
-``python benchmarks/bench_engine.py [--threads N] [--repeats R] [--json PATH] [--quick]``.
+``python benchmarks/bench_engine.py [--threads N] [--repeats R] [--json PATH] [--quick]
+[--networks lenet5,small] [--no-memory] [--no-startup]``.
 
-The NumPy side (:func:`build_lenet`, :func:`ours_workload`, :func:`measure`) imports neither
-torch nor threadpoolctl, so the test suite can run it without the ``bench`` extra.
+The NumPy side (:func:`build_network`, :func:`ours_workload`, :func:`measure`,
+:func:`memory_child`) imports neither torch nor threadpoolctl, so the test suite can run it
+without the ``bench`` extra.
 """
 
 from __future__ import annotations
@@ -32,15 +42,31 @@ import json
 import math
 import os
 import platform
+import resource
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 import classic_cnn
-from classic_cnn import SGD, Conv2D, CrossEntropyLoss, Dense, Sequential, presets
+from classic_cnn import (
+    SGD,
+    BatchNorm,
+    Conv2D,
+    CrossEntropyLoss,
+    Dense,
+    Dropout,
+    Flatten,
+    MaxPool2D,
+    ReLU,
+    Sequential,
+    presets,
+)
 
 INPUT_SHAPE = (28, 28, 1)
 CLASSES = 10
@@ -49,6 +75,9 @@ LENET5_PARAMS = 61_706
 LR, MOMENTUM = 0.01, 0.9
 #: distinct training batches cycled through (the same data for both engines)
 TRAIN_BATCHES = 4
+#: the networks, by preset name; "small" stands in for the strong Fashion-MNIST preset
+NETWORKS = ("lenet5", "tinyvgg", "article", "small")
+DEFAULT_NETWORK = presets.DEFAULT_PRESET
 
 #: (key, label, kind, batch): kind is "train" (train step) or "infer" (softmax probabilities)
 BENCHMARKS = (
@@ -71,22 +100,38 @@ MISSING_EXTRA = (
 # --------------------------------------------------------------------------------------------
 
 
+def build_network(name: str, seed: int = 0) -> Sequential:
+    """A preset of the project (float32, channels-last), 10 classes."""
+    return presets.build(name, classes=CLASSES, seed=seed)
+
+
 def build_lenet(seed: int = 0) -> Sequential:
-    """The LeNet-5-style network of the benchmark: the project's ``lenet5`` preset (float32,
-    channels-last)."""
-    return presets.build("lenet5", classes=CLASSES, seed=seed)
+    """The LeNet-5-style network: the project's ``lenet5`` preset."""
+    return build_network("lenet5", seed)
 
 
-def make_batches(batch: int, count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """``count`` batches of random images (N, 28, 28, 1) float32 in [0, 1) and labels (N,)."""
+def make_batches(
+    batch: int, count: int, seed: int, input_shape=INPUT_SHAPE
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """``count`` batches of random images (N, H, W, C) float32 in [0, 1) and labels (N,)."""
     rng = np.random.default_rng(seed)
     return [
         (
-            rng.random((batch, *INPUT_SHAPE), dtype=np.float32),
+            rng.random((batch, *input_shape), dtype=np.float32),
             rng.integers(0, CLASSES, size=batch, dtype=np.int64),
         )
         for _ in range(count)
     ]
+
+
+def flops_per_image(model: Sequential, kind: str) -> float:
+    """Floating-point operations per image of the convolutions and dense layers (2 per
+    multiply-accumulate): the forward pass, and for training also dL/dW of every layer and
+    dL/dx of every layer but the first (which nobody needs)."""
+    macs = [row["macs"] for row in model.summary_rows() if row["macs"]]
+    if kind == "infer":
+        return 2.0 * sum(macs)
+    return 2.0 * (3 * sum(macs) - macs[0])
 
 
 @dataclass
@@ -184,6 +229,138 @@ def measure(
     return out
 
 
+def _rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; else the peak so far)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return _maxrss_bytes()
+
+
+def _maxrss_bytes() -> int:
+    """``ru_maxrss`` of this process in bytes (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def memory_child(epochs: int, limit: int | None, network: str = DEFAULT_NETWORK) -> dict:
+    """Train ``network`` as ``cnn train`` does by default (Adam, batch 64, the Fashion-MNIST
+    training images) for ``epochs`` epochs and report memory: ``ru_maxrss`` at the end, the
+    resident memory after loading the data and after each epoch. Run in a child process that
+    never imports torch (:func:`run_memory_child`), so that the numbers are classic-cnn's."""
+    from rich.console import Console
+
+    from classic_cnn.data import load_dataset
+    from classic_cnn.train import fit
+
+    start_rss = _rss_bytes()
+    data = load_dataset("fashion-mnist", "train")
+    train = data.take(limit) if limit else data
+    n = len(train)
+    loaded_rss = _rss_bytes()
+    after_epoch: list[int] = []
+    seconds: list[float] = []
+    t0 = [time.perf_counter()]
+
+    def note(state, row):
+        after_epoch.append(_rss_bytes())
+        now = time.perf_counter()
+        seconds.append(now - t0[0])
+        t0[0] = now
+
+    model = build_network(network, seed=0)
+    fit(
+        model,
+        train,
+        None,
+        epochs=epochs,
+        batch_size=64,
+        optimizer="adam",
+        callbacks=[note],
+        progress=False,
+        console=Console(quiet=True),
+    )
+    return {
+        "network": network,
+        "images": int(n),
+        "epochs": epochs,
+        "ru_maxrss_bytes": _maxrss_bytes(),
+        "rss_start_bytes": start_rss,
+        "rss_after_load_bytes": loaded_rss,
+        "rss_after_epoch_bytes": after_epoch,
+        "epoch_seconds": seconds,
+        "torch_imported": "torch" in sys.modules,
+    }
+
+
+def run_memory_child(epochs: int, limit: int | None, timeout: float = 3600) -> dict:
+    """:func:`memory_child` in a fresh Python process (``--memory-child``); its JSON result."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--memory-child", str(epochs)]
+    if limit:
+        cmd += ["--memory-limit", str(limit)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if out.returncode != 0:
+        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _cnn_command() -> list[str]:
+    script = Path(sys.executable).with_name("cnn")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "classic_cnn.cli"]
+
+
+def startup_times(runs: int = 3) -> dict:
+    """Median wall-clock seconds of ``cnn --help`` and of ``cnn predict MODEL IMAGE`` (an
+    untrained default model and one 28×28 PNG), each a fresh subprocess."""
+    from PIL import Image
+
+    from classic_cnn import io
+    from classic_cnn.data.batches import Preprocessing
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_network(DEFAULT_NETWORK)
+        model.classes = [f"class {i}" for i in range(CLASSES)]
+        model.preprocessing = Preprocessing((28, 28), 1, (0.3,), (0.35,), "dark")
+        model_path = io.save(model, Path(tmp) / "model.safetensors")
+        image = Path(tmp) / "image.png"
+        rng = np.random.default_rng(0)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(image)
+        commands = {
+            "cnn --help": [*_cnn_command(), "--help"],
+            "cnn predict MODEL IMAGE": [*_cnn_command(), "predict", str(model_path), str(image)],
+        }
+        out = {}
+        for name, cmd in commands.items():
+            subprocess.run(cmd, capture_output=True, check=False)  # warm the file cache
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                times.append(time.perf_counter() - t)
+            out[name] = {
+                "seconds_median": float(np.median(times)),
+                "seconds": times,
+                "returncode": done.returncode,
+            }
+        return out
+
+
+def matmul_peak(size: int, seconds: float = 0.5) -> float:
+    """Best GFLOP/s of NumPy's float32 matrix product ``size × size`` (the BLAS peak that the
+    convolutions are measured against)."""
+    rng = np.random.default_rng(0)
+    a = rng.random((size, size), dtype=np.float32)
+    b = rng.random((size, size), dtype=np.float32)
+    a @ b
+    best, end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < end or best == math.inf:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best / 1e9
+
+
 # --------------------------------------------------------------------------------------------
 # The PyTorch side
 # --------------------------------------------------------------------------------------------
@@ -199,44 +376,71 @@ def import_bench_extra():
     return torch, threadpoolctl
 
 
-def torch_lenet_from(torch, ours: Sequential):
+def torch_net_from(torch, ours: Sequential):
     """The same network in PyTorch (NCHW), holding a copy of ``ours``'s weights.
 
     Kernels KH×KW×C_in×C_out become C_out×C_in×KH×KW, dense weights in×out become out×in, and
-    the first dense layer's rows are reordered from our H·W·C flatten order to torch's C·H·W.
-    'same' padding of a 5×5 kernel at stride 1 is 2 on every side, as ``padding=2``.
+    the dense layer after a Flatten has its rows reordered from our H·W·C flatten order to
+    torch's C·H·W. Keras's 'same' padding becomes a ZeroPad2d (it may be uneven); batch norm
+    keeps momentum and eps.
     """
     nn = torch.nn
-    net = nn.Sequential(
-        nn.Conv2d(1, 6, 5, padding=2),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Conv2d(6, 16, 5),
-        nn.ReLU(),
-        nn.MaxPool2d(2),
-        nn.Flatten(),
-        nn.Linear(16 * 5 * 5, 120),
-        nn.ReLU(),
-        nn.Linear(120, 84),
-        nn.ReLU(),
-        nn.Linear(84, CLASSES),
-    )
-    convs = [m for m in net if isinstance(m, nn.Conv2d)]
-    linears = [m for m in net if isinstance(m, nn.Linear)]
-    ours_convs = [layer for layer in ours.layers if isinstance(layer, Conv2D)]
-    ours_dense = [layer for layer in ours.layers if isinstance(layer, Dense)]
-    flat_hwc = ours.layers[ours.layers.index(ours_dense[0]) - 1].input_shape  # Flatten's input
-    with torch.no_grad():
-        for t, o in zip(convs, ours_convs, strict=True):
-            t.weight.copy_(torch.from_numpy(o.params["kernel"].transpose(3, 2, 0, 1).copy()))
-            t.bias.copy_(torch.from_numpy(o.params["bias"]))
-        for i, (t, o) in enumerate(zip(linears, ours_dense, strict=True)):
-            w = o.params["kernel"]
-            if i == 0:  # rows in H·W·C order → C·H·W order
+    modules, copies = [], []
+    shape = ours.input_shape
+    flat_hwc = None
+    for layer in ours.layers:
+        out = layer.output_shape(shape)
+        if isinstance(layer, Conv2D):
+            kh, kw = layer.kernel_size
+            (pt, pb), (pl, pr) = layer.pads(shape[:2])
+            if (pt, pb, pl, pr) != (0, 0, 0, 0):
+                modules.append(nn.ZeroPad2d((pl, pr, pt, pb)))
+            conv = nn.Conv2d(shape[2], layer.filters, (kh, kw), layer.stride, bias=layer.use_bias)
+            modules.append(conv)
+            copies.append((conv.weight, layer.params["kernel"].transpose(3, 2, 0, 1)))
+            if layer.use_bias:
+                copies.append((conv.bias, layer.params["bias"]))
+        elif isinstance(layer, MaxPool2D):
+            modules.append(nn.MaxPool2d(layer.pool_size, layer.stride))
+        elif isinstance(layer, ReLU):
+            modules.append(nn.ReLU())
+        elif isinstance(layer, Flatten):
+            modules.append(nn.Flatten())
+            flat_hwc = shape
+        elif isinstance(layer, Dropout):
+            modules.append(nn.Dropout(layer.rate))
+        elif isinstance(layer, BatchNorm):
+            cls = nn.BatchNorm2d if len(shape) == 3 else nn.BatchNorm1d
+            bn = cls(shape[-1], eps=layer.eps, momentum=layer.momentum)
+            modules.append(bn)
+            copies += [(bn.weight, layer.params["gamma"]), (bn.bias, layer.params["beta"])]
+            copies += [
+                (bn.running_mean, layer.buffers["running_mean"]),
+                (bn.running_var, layer.buffers["running_var"]),
+            ]
+        elif isinstance(layer, Dense):
+            lin = nn.Linear(shape[0], layer.units, bias=layer.use_bias)
+            modules.append(lin)
+            w = layer.params["kernel"]
+            if flat_hwc is not None and len(flat_hwc) == 3:  # rows in H·W·C order → C·H·W
                 w = w.reshape(*flat_hwc, -1).transpose(2, 0, 1, 3).reshape(w.shape)
-            t.weight.copy_(torch.from_numpy(np.ascontiguousarray(w.T)))
-            t.bias.copy_(torch.from_numpy(o.params["bias"]))
+                flat_hwc = None
+            copies.append((lin.weight, w.T))
+            if layer.use_bias:
+                copies.append((lin.bias, layer.params["bias"]))
+        else:
+            raise ValueError(f"no PyTorch translation for {type(layer).__name__}")
+        shape = out
+    net = nn.Sequential(*modules)
+    with torch.no_grad():
+        for t, value in copies:
+            t.copy_(torch.from_numpy(np.ascontiguousarray(value)))
     return net
+
+
+def torch_lenet_from(torch, ours: Sequential):
+    """The LeNet-5 of :func:`build_lenet` in PyTorch (see :func:`torch_net_from`)."""
+    return torch_net_from(torch, ours)
 
 
 def torch_count_params(net) -> int:
@@ -280,6 +484,18 @@ def torch_workload(torch, net, kind: str, tbatches) -> Workload:
 
     work.step = step
     return work
+
+
+def torch_matmul_peak(torch, size: int, seconds: float = 0.5) -> float:
+    """Best GFLOP/s of PyTorch's float32 ``size × size`` matrix product."""
+    a, b = torch.rand(size, size), torch.rand(size, size)
+    a @ b
+    best, end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < end or best == math.inf:
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * size**3 / best / 1e9
 
 
 # --------------------------------------------------------------------------------------------
@@ -359,50 +575,66 @@ def describe_machine(torch, threadpoolctl, threads: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
-def run_benchmarks(torch, repeats: int, min_time: float, seed: int, log=print) -> tuple:
-    """Every measurement of :data:`BENCHMARKS`; returns ``(results, checks)``."""
+def run_benchmarks(
+    torch, repeats: int, min_time: float, seed: int, networks=NETWORKS, log=print
+) -> tuple:
+    """Every measurement of :data:`BENCHMARKS` on every network; returns ``(results, checks)``."""
     results, checks = [], {}
-    for key, label, kind, batch in BENCHMARKS:
-        ours = build_lenet(seed)
-        net = torch_lenet_from(torch, ours)
-        n_ours, n_torch = ours.count_params(), torch_count_params(net)
-        assert n_ours == n_torch == LENET5_PARAMS, (n_ours, n_torch, LENET5_PARAMS)
-        batches = make_batches(batch, TRAIN_BATCHES if kind == "train" else 1, seed + batch)
-        tbatches = to_torch_batches(torch, batches)
-        if "logits_max_abs_diff" not in checks:  # the same network, the same weights
-            with torch.no_grad():
-                theirs = net(tbatches[0][0]).numpy()
-            diff = float(np.abs(ours.forward(batches[0][0]) - theirs).max())
-            assert diff < 1e-3, f"ours and torch's logits differ by {diff}: not the same network"
-            checks["logits_max_abs_diff"] = diff
-        works = {
-            "ours": ours_workload(ours, kind, batches),
-            "torch": torch_workload(torch, net, kind, tbatches),
-        }
-        log(f"  {label}, batch {batch} ...")
-        m = measure(works, repeats, min_time)
-        if kind == "train":
-            lo, lt = works["ours"].losses, works["torch"].losses
-            first = max(abs(a - b) / max(abs(b), 1e-6) for a, b in zip(lo[:3], lt[:3], strict=True))
-            # same weights, data, loss and optimizer: the first steps' losses agree
-            assert first < 1e-3, f"first training losses differ: {lo[:3]} vs {lt[:3]}"
-            assert math.isfinite(lo[-1]) and math.isfinite(lt[-1]), (lo[-1], lt[-1])
-            checks[f"{key}_first_losses_max_rel_diff"] = first
-        o, t = m["ours"]["img_per_s"], m["torch"]["img_per_s"]
-        paired = [a / b for a, b in zip(o["samples"], t["samples"], strict=True)]
-        results.append(
-            {
-                "key": key,
-                "label": label,
-                "kind": kind,
-                "batch": batch,
-                "ours": m["ours"],
-                "torch": m["torch"],
-                "ratio_median": o["median"] / t["median"],
-                "ratio_paired_min": min(paired),
-                "ratio_paired_max": max(paired),
+    for network in networks:
+        for key, label, kind, batch in BENCHMARKS:
+            ours = build_network(network, seed)
+            net = torch_net_from(torch, ours)
+            n_ours, n_torch = ours.count_params(), torch_count_params(net)
+            assert n_ours == n_torch, f"{network}: {n_ours} parameters here, {n_torch} in torch"
+            if network == "lenet5":
+                assert n_ours == LENET5_PARAMS, (n_ours, LENET5_PARAMS)
+            count = TRAIN_BATCHES if kind == "train" else 1
+            batches = make_batches(batch, count, seed + batch, ours.input_shape)
+            tbatches = to_torch_batches(torch, batches)
+            if f"{network}_logits_max_abs_diff" not in checks:  # same network, same weights
+                net.eval()
+                with torch.no_grad():
+                    theirs = net(tbatches[0][0]).numpy()
+                diff = float(np.abs(ours.forward(batches[0][0]) - theirs).max())
+                assert diff < 1e-3, f"{network}: logits differ by {diff}: not the same network"
+                checks[f"{network}_logits_max_abs_diff"] = diff
+            works = {
+                "ours": ours_workload(ours, kind, batches),
+                "torch": torch_workload(torch, net, kind, tbatches),
             }
-        )
+            log(f"  {network}: {label}, batch {batch} ...", flush=True)
+            m = measure(works, repeats, min_time)
+            has_dropout = any(isinstance(layer, Dropout) for layer in ours.layers)
+            if kind == "train" and not has_dropout:  # dropout masks differ between engines
+                lo, lt = works["ours"].losses, works["torch"].losses
+                first = max(
+                    abs(a - b) / max(abs(b), 1e-6) for a, b in zip(lo[:3], lt[:3], strict=True)
+                )
+                # same weights, data, loss and optimizer: the first steps' losses agree
+                assert first < 1e-3, f"first training losses differ: {lo[:3]} vs {lt[:3]}"
+                assert math.isfinite(lo[-1]) and math.isfinite(lt[-1]), (lo[-1], lt[-1])
+                checks[f"{network}_{key}_first_losses_max_rel_diff"] = first
+            o, t = m["ours"]["img_per_s"], m["torch"]["img_per_s"]
+            paired = [a / b for a, b in zip(o["samples"], t["samples"], strict=True)]
+            flops = flops_per_image(ours, kind)
+            results.append(
+                {
+                    "network": network,
+                    "key": key,
+                    "label": label,
+                    "kind": kind,
+                    "batch": batch,
+                    "params": n_ours,
+                    "flops_per_image": flops,
+                    "ours": m["ours"],
+                    "torch": m["torch"],
+                    "ours_gflops": o["median"] * flops / 1e9,
+                    "torch_gflops": t["median"] * flops / 1e9,
+                    "ratio_median": o["median"] / t["median"],
+                    "ratio_paired_min": min(paired),
+                    "ratio_paired_max": max(paired),
+                }
+            )
     return results, checks
 
 
@@ -422,39 +654,45 @@ def format_header(info: dict, repeats: int, min_time: float, checks: dict) -> st
         for b in info["numpy_blas"]
     )
     lines = [
-        "classic-cnn vs PyTorch (CPU, eager) — LeNet-5-style network, "
-        f"28×28×1 → 10 classes, {LENET5_PARAMS:,} parameters in both",
+        "classic-cnn vs PyTorch (CPU, eager) — the same networks, weights and data in both",
         f"machine : {info['cpu']}, {info['logical_cpus']} logical CPUs "
         f"({info['usable_cpus']} usable), {info['platform']}",
-        f"versions: python {info['python']}, numpy {info['numpy']}, torch {info['torch']}, "
-        f"classic-cnn {info['classic_cnn']}",
-        f"threads : {info['threads']} (NumPy BLAS via threadpoolctl; "
+        f"versions: python {info['python']}, numpy {info['numpy']}, numba {info.get('numba')}, "
+        f"torch {info['torch']}, classic-cnn {info['classic_cnn']}",
+        f"threads : {info['threads']} (NumPy BLAS via threadpoolctl; numba.set_num_threads; "
         f"torch.set_num_threads → {info['torch_threads']}; oneDNN {info['torch_mkldnn']})",
         f"numpy BLAS: {blas or 'none found by threadpoolctl'}",
         f"method  : float32, random data (fixed seed), warm-up excluded, {repeats} repeats "
         f"interleaved ours/torch, each ≥ {min_time:g} s; SGD lr {LR} momentum {MOMENTUM}, "
         "cross-entropy",
     ]
+    if info.get("matmul_peak_gflops"):
+        lines.append(
+            f"peak    : float32 {info['matmul_size']}² matrix product, NumPy "
+            f"{info['matmul_peak_gflops']:.1f} GFLOP/s, torch "
+            f"{info['torch_matmul_peak_gflops']:.1f} GFLOP/s"
+        )
     if info.get("load_average_before") and info.get("load_average_after"):
         before, after = info["load_average_before"], info["load_average_after"]
         lines.append(
             f"load    : 1-min load average {before[0]:.2f} before, {after[0]:.2f} after "
             f"(this run itself adds about {info['threads']}; more means other work shared the CPUs)"
         )
-    if checks:
-        losses = max(v for k, v in checks.items() if k.endswith("first_losses_max_rel_diff"))
-        lines.append(
-            "checks  : same weights in both "
-            f"(logits differ ≤ {checks['logits_max_abs_diff']:.1e}); "
-            f"first 3 training losses agree (rel. diff ≤ {losses:.1e})"
-        )
+    logits = [v for k, v in checks.items() if k.endswith("logits_max_abs_diff")]
+    losses = [v for k, v in checks.items() if k.endswith("first_losses_max_rel_diff")]
+    if logits:
+        text = f"checks  : equal parameter counts; logits differ ≤ {max(logits):.1e}"
+        if losses:
+            text += f"; first 3 training losses agree (rel. diff ≤ {max(losses):.1e})"
+        lines.append(text)
     if repeats < 5:
         lines.append("note    : fewer than 5 repeats — a smoke run, not a measurement")
     return "\n".join(lines)
 
 
-def format_table(results: list[dict]) -> str:
+def format_table(results: list[dict], peak_gflops: float | None = None) -> str:
     head = (
+        "network",
         "benchmark",
         "batch",
         "ours img/s",
@@ -465,12 +703,17 @@ def format_table(results: list[dict]) -> str:
         "paired min–max",
         "ours ms/step",
         "torch ms/step",
+        "ours GFLOP/s",
+        "torch GFLOP/s",
     )
     rows = [head]
     for r in results:
         o, t = r["ours"]["img_per_s"], r["torch"]["img_per_s"]
+        og, tg = r.get("ours_gflops"), r.get("torch_gflops")
+        pct = f" ({og / peak_gflops:.0%})" if og is not None and peak_gflops else ""
         rows.append(
             (
+                r.get("network", "lenet5"),
                 r["label"],
                 str(r["batch"]),
                 _rate(o["median"]),
@@ -481,33 +724,72 @@ def format_table(results: list[dict]) -> str:
                 f"{r['ratio_paired_min']:.2f}–{r['ratio_paired_max']:.2f}",
                 _ms(r["ours"]["seconds_per_step_median"]),
                 _ms(r["torch"]["seconds_per_step_median"]),
+                "" if og is None else f"{og:.2f}{pct}",
+                "" if tg is None else f"{tg:.2f}",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
 
     def fmt(row):
         return "  ".join(
-            c.ljust(w) if i == 0 else c.rjust(w)
+            c.ljust(w) if i < 2 else c.rjust(w)
             for i, (c, w) in enumerate(zip(row, widths, strict=True))
         )
 
     rule = "-" * len(fmt(head))
     legend = (
         "img/s: median images per second; ours/torch > 1 means classic-cnn is faster; "
-        "paired: per-repeat ratios; ms/step: median time of one call (one batch)"
+        "paired: per-repeat ratios; ms/step: median time of one call (one batch); "
+        "GFLOP/s: conv + dense arithmetic achieved (share of the NumPy matrix-product peak)"
     )
     return "\n".join([rule, fmt(head), rule, *map(fmt, rows[1:]), rule, legend])
 
 
+def format_extras(memory: dict | None, startup: dict | None) -> str:
+    """The memory and start-up figures as lines of text."""
+    lines = []
+    if memory:
+        if "error" in memory:
+            lines.append(f"memory  : the training child failed: {memory['error']}")
+        else:
+            mib = 1024**2
+            after = memory["rss_after_epoch_bytes"]
+            lines.append(
+                f"memory  : {memory['network']} network, {memory['images']:,} Fashion-MNIST "
+                f"images, {memory['epochs']} epoch(s), Adam, batch 64, in a child process "
+                f"without torch (torch imported: {memory['torch_imported']}): peak RSS "
+                f"(ru_maxrss) {memory['ru_maxrss_bytes'] / mib:,.0f} MiB (limit 1,024 MiB)"
+            )
+            lines.append(
+                "          RSS after each epoch: "
+                + ", ".join(f"{v / mib:,.0f}" for v in after)
+                + " MiB; epoch seconds: "
+                + ", ".join(f"{v:.1f}" for v in memory["epoch_seconds"])
+            )
+            if len(after) >= 5:
+                growth = after[4] / after[1] - 1
+                lines.append(f"          growth epoch 2 → 5: {growth:+.1%} (limit ±5%)")
+    if startup:
+        lines.append(
+            "start-up: "
+            + "; ".join(
+                f"`{name}` {v['seconds_median']:.2f} s (exit {v['returncode']})"
+                for name, v in startup.items()
+            )
+            + " (median of subprocess runs, numba's compiled loops cached on disk)"
+        )
+    return "\n".join(lines)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
-        description="Time classic-cnn against PyTorch (CPU, eager) on a LeNet-5-style network."
+        description="Time classic-cnn against PyTorch (CPU, eager) on four networks."
     )
     p.add_argument(
         "--threads",
         type=int,
         default=None,
-        help="threads for NumPy's BLAS and for torch (default: all usable cores)",
+        help="threads for NumPy's BLAS, numba and torch (default: all usable cores)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed repeats (default 7)")
     p.add_argument(
@@ -519,12 +801,35 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     p.add_argument("--seed", type=int, default=0, help="seed of weights and data (default 0)")
     p.add_argument(
-        "--quick", action="store_true", help="fast smoke run: 3 short repeats (not a measurement)"
+        "--networks",
+        default=",".join(NETWORKS),
+        help=f"comma-separated presets (default {','.join(NETWORKS)})",
     )
+    p.add_argument(
+        "--memory-epochs",
+        type=int,
+        default=None,
+        help="epochs of the memory measurement (default 5; 1 with --quick)",
+    )
+    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--no-startup", action="store_true", help="skip the start-up times")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="fast smoke run: 3 short repeats, memory on 2,000 images (not a measurement)",
+    )
+    p.add_argument("--memory-child", type=int, metavar="EPOCHS", help=argparse.SUPPRESS)
+    p.add_argument("--memory-limit", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.repeats = args.repeats if args.repeats is not None else (3 if args.quick else 7)
     args.min_time = args.min_time if args.min_time is not None else (0.02 if args.quick else 0.5)
     args.threads = args.threads if args.threads is not None else usable_cpus()
+    if args.memory_epochs is None:
+        args.memory_epochs = 1 if args.quick else 5
+    args.networks = [n.strip() for n in args.networks.split(",") if n.strip()]
+    unknown = [n for n in args.networks if n not in presets.PRESETS]
+    if unknown:
+        p.error(f"unknown network(s) {unknown}; presets: {', '.join(presets.PRESETS)}")
     if args.repeats < 1 or args.threads < 1 or args.min_time <= 0:
         p.error(
             "--repeats and --threads must be ≥ 1 and --min-time > 0. Received: "
@@ -533,21 +838,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def set_compiled_threads(threads: int) -> str | None:
+    """numba's thread count for the compiled loops (as many as BLAS and torch get)."""
+    try:
+        import numba
+    except ImportError:
+        return None
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    return numba.__version__
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.memory_child is not None:  # the child: no torch, one JSON line
+        set_compiled_threads(args.threads)
+        print(json.dumps(memory_child(args.memory_child, args.memory_limit)))
+        return 0
     torch, threadpoolctl = import_bench_extra()
     torch.set_num_threads(args.threads)
+    numba_version = set_compiled_threads(args.threads)
     with threadpoolctl.threadpool_limits(limits=args.threads, user_api="blas"):
         info = describe_machine(torch, threadpoolctl, args.threads)
-        print(f"timing {len(BENCHMARKS)} measurements, {args.repeats} repeats each:", flush=True)
-        results, checks = run_benchmarks(torch, args.repeats, args.min_time, args.seed)
+        info["numba"] = numba_version
+        size = 1024 if args.quick else 2048
+        info["matmul_size"] = size
+        info["matmul_peak_gflops"] = matmul_peak(size)
+        info["torch_matmul_peak_gflops"] = torch_matmul_peak(torch, size)
+        count = len(BENCHMARKS) * len(args.networks)
+        print(f"timing {count} measurements, {args.repeats} repeats each:", flush=True)
+        results, checks = run_benchmarks(
+            torch, args.repeats, args.min_time, args.seed, args.networks
+        )
     info["load_average_after"] = load_average()
+    memory = startup = None
+    if not args.no_memory:
+        print("  memory: training in a child process without torch ...", flush=True)
+        memory = run_memory_child(args.memory_epochs, 2000 if args.quick else None)
+    if not args.no_startup:
+        print("  start-up times ...", flush=True)
+        startup = startup_times(1 if args.quick else 5)
     print()
     print(format_header(info, args.repeats, args.min_time, checks))
-    print(format_table(results))
+    print(format_table(results, info["matmul_peak_gflops"]))
+    extras = format_extras(memory, startup)
+    if extras:
+        print(extras)
+    command = "python benchmarks/bench_engine.py " + " ".join(
+        sys.argv[1:] if argv is None else argv
+    )
+    print(f"command : {command.strip()}")
     if args.json:
         report = {
             "machine": info,
+            "command": command.strip(),
             "config": {
                 "repeats": args.repeats,
                 "min_time_s": args.min_time,
@@ -555,10 +898,12 @@ def main(argv=None) -> int:
                 "quick": args.quick,
                 "lr": LR,
                 "momentum": MOMENTUM,
-                "params": LENET5_PARAMS,
+                "networks": args.networks,
             },
             "checks": checks,
             "results": results,
+            "memory": memory,
+            "startup": startup,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
