@@ -85,3 +85,33 @@ def test_without_torch_main_says_to_run_make_bench(bench):
     with pytest.raises(SystemExit) as exc:
         bench.main(["--quick"])
     assert "make bench" in str(exc.value.code)
+
+
+@pytest.mark.parametrize("network", ["lenet5", "tinyvgg", "article", "small"])
+def test_every_network_builds_and_counts_its_flops(bench, network):
+    model = bench.build_network(network)
+    macs = sum(r["macs"] for r in model.summary_rows())
+    assert bench.flops_per_image(model, "infer") == 2 * macs
+    assert 2 * macs < bench.flops_per_image(model, "train") < 6 * macs
+    x, y = bench.make_batches(2, 1, 0, model.input_shape)[0]
+    assert x.shape == (2, *model.input_shape) and y.shape == (2,)
+
+
+def test_extras_report_memory_growth_and_startup(bench):
+    mib = 1024**2
+    memory = {
+        "network": "small",
+        "images": 60000,
+        "epochs": 5,
+        "torch_imported": False,
+        "ru_maxrss_bytes": 500 * mib,
+        "rss_after_epoch_bytes": [300 * mib, 300 * mib, 301 * mib, 302 * mib, 303 * mib],
+        "epoch_seconds": [1.0] * 5,
+    }
+    startup = {"cnn --help": {"seconds_median": 0.2, "returncode": 0}}
+    text = bench.format_extras(memory, startup)
+    assert "500 MiB" in text and "+1.0%" in text and "`cnn --help` 0.20 s" in text
+
+
+def test_matmul_peak_is_positive(bench):
+    assert bench.matmul_peak(64, seconds=0.01) > 0
