@@ -114,3 +114,47 @@ def test_importing_the_package_and_cnn_help_do_not_load_numba():
     )
     out = subprocess.run([sys.executable, "-c", help_run], capture_output=True, text=True)
     assert out.stderr.strip().splitlines()[-1] == "False", out.stderr
+
+
+def _batchnorm_plain(x, gamma, beta, mean, var, eps):
+    """Batch norm written out with NumPy, float64 (the formula the compiled passes compute)."""
+    x, gamma, beta = (np.asarray(a, np.float64) for a in (x, gamma, beta))
+    xhat = (x - mean) / np.sqrt(var + eps)
+    return xhat, xhat * gamma + beta
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-10), (np.float32, 1e-5)])
+@pytest.mark.parametrize("shape", [(4, 5, 6, 3), (7, 9)])
+@pytest.mark.parametrize("training", [True, False])
+def test_batchnorm_matches_plain_numpy(rng, dtype, tol, shape, training):
+    x = (rng.normal(size=shape) * 3 + 1).astype(dtype)
+    c = shape[-1]
+    gamma = rng.normal(size=c).astype(dtype)
+    beta = rng.normal(size=c).astype(dtype)
+    rm, rv = rng.normal(size=c).astype(dtype), rng.uniform(0.5, 2, size=c).astype(dtype)
+    rm0, rv0 = rm.copy(), rv.copy()
+    y, cache = ops.batchnorm_forward(x, gamma, beta, rm, rv, training, 0.1, 1e-5)
+    axes = tuple(range(x.ndim - 1))
+    x64 = x.astype(np.float64)
+    if training:
+        mean, var = x64.mean(axis=axes), x64.var(axis=axes)
+        m = x.size // c
+        assert rel_error(rm, 0.9 * rm0 + 0.1 * mean) < tol
+        assert rel_error(rv, 0.9 * rv0 + 0.1 * var * m / (m - 1)) < tol
+    else:
+        mean, var = rm0.astype(np.float64), rv0.astype(np.float64)
+    xhat, y_want = _batchnorm_plain(x, gamma, beta, mean, var, 1e-5)
+    assert y.dtype == dtype and rel_error(y, y_want) < tol
+    dy = rng.normal(size=shape).astype(dtype)
+    dx, dgamma, dbeta = ops.batchnorm_backward(dy, cache)
+    dy64 = dy.astype(np.float64)
+    dbeta_want = dy64.sum(axis=axes)
+    dgamma_want = (dy64 * xhat).sum(axis=axes)
+    dxhat = dy64 * gamma
+    inv_std = 1 / np.sqrt(var + 1e-5)
+    if training:
+        dx_want = inv_std * (dxhat - dxhat.mean(axis=axes) - xhat * (dxhat * xhat).mean(axis=axes))
+    else:
+        dx_want = dxhat * inv_std
+    for got, want in ((dx, dx_want), (dgamma, dgamma_want), (dbeta, dbeta_want)):
+        assert got.dtype == dtype and rel_error(got, want) < tol

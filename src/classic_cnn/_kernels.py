@@ -214,3 +214,59 @@ def relu_backward(dy, y, dx):
     """``dx = dy`` where ``y > 0``, else 0 (flat, contiguous arrays), in one pass."""
     for t in range(dy.size):
         dx[t] = dy[t] if y[t] > 0 else 0
+
+
+@njit(cache=True)
+def channel_mean_var(x):
+    """Per-channel mean and biased variance of x (M, C), two passes, float64 sums (the channels
+    are the contiguous inner loop, so each channel's sum is a vector lane)."""
+    m, c = x.shape
+    s = np.zeros(c)
+    for r in range(m):
+        row = x[r]
+        for k in range(c):
+            s[k] += row[k]
+    mean = s / m
+    q = np.zeros(c)
+    for r in range(m):
+        row = x[r]
+        for k in range(c):
+            d = row[k] - mean[k]
+            q[k] += d * d
+    return mean, q / m
+
+
+@njit(cache=True)
+def batchnorm_apply(x, mean, inv_std, gamma, beta, xhat, y):
+    """``xhat = (x − mean)·inv_std``, ``y = xhat·gamma + beta`` in one pass over x (M, C)."""
+    m, c = x.shape
+    for r in range(m):
+        xr, hr, yr = x[r], xhat[r], y[r]
+        for k in range(c):
+            h = (xr[k] - mean[k]) * inv_std[k]
+            hr[k] = h
+            yr[k] = h * gamma[k] + beta[k]
+
+
+@njit(cache=True)
+def batchnorm_grad_sums(dy, xhat):
+    """``Σ dy`` and ``Σ dy·xhat`` per channel of (M, C) arrays, float64 sums."""
+    m, c = dy.shape
+    sb = np.zeros(c)
+    sg = np.zeros(c)
+    for r in range(m):
+        dr, hr = dy[r], xhat[r]
+        for k in range(c):
+            sb[k] += dr[k]
+            sg[k] += dr[k] * hr[k]
+    return sb, sg
+
+
+@njit(cache=True)
+def batchnorm_dx(dy, xhat, scale, shift, slope, dx):
+    """``dx = scale·dy − shift − xhat·slope`` per channel, one pass over (M, C)."""
+    m, c = dy.shape
+    for r in range(m):
+        dr, hr, out = dy[r], xhat[r], dx[r]
+        for k in range(c):
+            out[k] = scale[k] * dr[k] - shift[k] - hr[k] * slope[k]

@@ -438,22 +438,33 @@ def batchnorm_forward(
     Returns ``(y, cache)``; ``y = gamma · (x − mean) / sqrt(var + eps) + beta``.
     """
     axes = tuple(range(x.ndim - 1))
+    dt = x.dtype
+    c = x.shape[-1]
+    x2 = np.ascontiguousarray(x).reshape(-1, c)
     if training:
-        m = x.size // x.shape[-1]
-        mean = x.mean(axis=axes)
-        xc = x - mean
-        var = (xc * xc).mean(axis=axes)
+        m = len(x2)
+        mean64, var64 = _k().channel_mean_var(x2)  # float64 sums, whatever x's dtype
+        mean, var = mean64.astype(dt), var64.astype(dt)
         unbiased = var * (m / max(m - 1, 1))
         running_mean *= 1 - momentum
         running_mean += momentum * mean
         running_var *= 1 - momentum
         running_var += momentum * unbiased
     else:
-        xc = x - running_mean
-        var = running_var
-    inv_std = (1.0 / np.sqrt(var + eps)).astype(x.dtype, copy=False)
-    xhat = xc * inv_std
-    y = xhat * gamma + beta
+        mean, var = running_mean.astype(dt, copy=False), running_var
+    inv_std = (1.0 / np.sqrt(var + eps)).astype(dt, copy=False)
+    xhat = np.empty(x.shape, dtype=dt)
+    y = np.empty(x.shape, dtype=dt)
+    # one compiled pass instead of NumPy's five (x − mean, ·inv_std, ·gamma, + beta, temporaries)
+    _k().batchnorm_apply(
+        x2,
+        mean,
+        inv_std,
+        gamma.astype(dt, copy=False),
+        beta.astype(dt, copy=False),
+        xhat.reshape(-1, c),
+        y.reshape(-1, c),
+    )
     return y, (xhat, gamma, inv_std, training, axes)
 
 
@@ -461,16 +472,24 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
     """Returns ``(dx, dgamma, dbeta)``.
 
     In training the batch statistics depend on every input, which gives the compact form
-    ``dx = inv_std · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))``.
+    ``dx = inv_std · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))`` with ``dxhat = dy ·
+    gamma``; written per channel as ``dx = scale·dy − shift − xhat·slope`` (one compiled pass).
     """
-    xhat, gamma, inv_std, training, axes = cache
-    dbeta = dy.sum(axis=axes)
-    dgamma = (dy * xhat).sum(axis=axes)
-    dxhat = dy * gamma
-    if not training:
-        return dxhat * inv_std, dgamma, dbeta
-    m = dy.size // dy.shape[-1]
-    dx = inv_std * (dxhat - dbeta * gamma / m - xhat * (dgamma * gamma / m))
+    xhat, gamma, inv_std, training, _ = cache
+    dt = xhat.dtype
+    c = xhat.shape[-1]
+    dy2 = np.ascontiguousarray(dy, dtype=dt).reshape(-1, c)
+    sb, sg = _k().batchnorm_grad_sums(dy2, xhat.reshape(-1, c))
+    dbeta, dgamma = sb.astype(dt), sg.astype(dt)
+    scale = (gamma * inv_std).astype(dt, copy=False)
+    if training:
+        m = len(dy2)
+        shift = (scale * dbeta / m).astype(dt, copy=False)
+        slope = (scale * dgamma / m).astype(dt, copy=False)
+    else:
+        shift = slope = np.zeros(c, dtype=dt)
+    dx = np.empty(xhat.shape, dtype=dt)
+    _k().batchnorm_dx(dy2, xhat.reshape(-1, c), scale, shift, slope, dx.reshape(-1, c))
     return dx, dgamma, dbeta
 
 
