@@ -13,23 +13,29 @@ channels-first, ``xp[c]`` a flat array of ``Hp·Wp`` numbers. Output ``(i, j)`` 
 every ``t`` from 0 to ``(H' − 1)·Wp + W'`` (the columns ``j ≥ W'`` are thrown away) turns the
 convolution into, per kernel offset, one long multiply-add over contiguous memory.
 
-Determinism: every output number is computed by one thread in a fixed order; a weight gradient
-is summed per image, and the per-image sums are added in image order, so the result does not
-depend on the number of threads. Compiled code is cached on disk (``cache=True``): the first
+Threads: these loops run on the calling thread only; the matrix products (BLAS) use the
+threads that threadpoolctl allows. Measured (benchmark, 2 threads, LeNet-5 training batch 64):
+the same loops split over images with ``prange`` ran 0.14x PyTorch, serial 1.04x: numba's
+OpenMP pool, OpenBLAS's and PyTorch's spin-wait for work, and on two cores three pools of
+spinning threads starve each other (``OMP_WAIT_POLICY=PASSIVE`` confirms it: 1.57x).
+
+Determinism: every output number is computed in a fixed order; a weight gradient is summed per
+image, and the per-image sums are added in image order (the layout a parallel version would
+need too). Compiled code is cached on disk (``cache=True``): the first
 call in a fresh environment compiles (see README, "Speed"); later processes load it.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 # Reductions (sums of products) are vectorized only if the compiler may reorder the additions;
 # the order is then fixed by the compiled code, so results stay bit-identical run to run.
 _REDUCE = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y):
     """Stride-1 convolution: ``y[n, i, j, k] = b[k] + Σ x_pad[n, i+di, j+dj, c]·w[di, dj, c, k]``.
 
@@ -41,7 +47,7 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y):
     oh, ow = y.shape[1], y.shape[2]
     hp, wp = h + pt + pb, wd + pl + pr
     span = (oh - 1) * wp + ow
-    for n in prange(n_img):
+    for n in range(n_img):
         xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
         for r in range(h):
             for col in range(wd):
@@ -69,7 +75,7 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y):
                     y[n, i, j, k] = acc[k, t]
 
 
-@njit(cache=True, parallel=True, fastmath=_REDUCE)
+@njit(cache=True, fastmath=_REDUCE)
 def conv2d_s1_backward(x, w, dy, pt, pb, pl, pr, dw_parts, db_parts, dx, input_grad):
     """Gradients of :func:`conv2d_s1_forward`, per image.
 
@@ -82,7 +88,7 @@ def conv2d_s1_backward(x, w, dy, pt, pb, pl, pr, dw_parts, db_parts, dx, input_g
     hp, wp = h + pt + pb, wd + pl + pr
     span = (oh - 1) * wp + ow
     zero = np.zeros(1, dtype=x.dtype)[0]  # a 0 of x's dtype: float32 sums stay float32
-    for n in prange(n_img):
+    for n in range(n_img):
         xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
         for r in range(h):
             for col in range(wd):
@@ -132,7 +138,7 @@ def conv2d_s1_backward(x, w, dy, pt, pb, pl, pr, dw_parts, db_parts, dx, input_g
                         dx[n, r, col, c] = dxp[c, base]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def maxpool2d_forward(x, ph, pw, stride, y, arg):
     """Max pooling; ``arg[n, i, j, c]`` = the winner's row-major index inside its window (the
     first maximum on a tie, as ``np.argmax`` picks it: only a strictly larger value replaces it).
@@ -142,7 +148,7 @@ def maxpool2d_forward(x, ph, pw, stride, y, arg):
     """
     n_img, _, _, ch = x.shape
     oh, ow = y.shape[1], y.shape[2]
-    for n in prange(n_img):
+    for n in range(n_img):
         for i in range(oh):
             for j in range(ow):
                 r0, c0 = i * stride, j * stride
@@ -159,11 +165,11 @@ def maxpool2d_forward(x, ph, pw, stride, y, arg):
                     arg[n, i, j, c] = a
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def maxpool2d_backward(dy, arg, pw, stride, dx):
     """Each output's gradient added to its window's winner; dx must start at zero."""
     n_img, oh, ow, ch = dy.shape
-    for n in prange(n_img):
+    for n in range(n_img):
         for i in range(oh):
             for j in range(ow):
                 for c in range(ch):
@@ -171,7 +177,7 @@ def maxpool2d_backward(dy, arg, pw, stride, dx):
                     dx[n, i * stride + a // pw, j * stride + a % pw, c] += dy[n, i, j, c]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def im2col(xp, kh, kw, stride, oh, ow, cols):
     """Patches of the padded input xp (N, Hp, Wp, C) as rows of cols (N·H'·W', KH·KW·C).
 
@@ -180,7 +186,7 @@ def im2col(xp, kh, kw, stride, oh, ow, cols):
     n_img, hp, wp, c_in = xp.shape
     run = kw * c_in
     flat = xp.reshape(n_img, hp, wp * c_in)
-    for n in prange(n_img):
+    for n in range(n_img):
         for i in range(oh):
             for j in range(ow):
                 row = cols[(n * oh + i) * ow + j]
@@ -191,14 +197,14 @@ def im2col(xp, kh, kw, stride, oh, ow, cols):
                         dst[t] = src[t]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def col2im(dcols, kh, kw, stride, oh, ow, dxp):
     """The adjoint of :func:`im2col`: each patch row of dcols added back where it came from,
     into dxp (N, Hp, Wp, C), which must start at zero."""
     n_img, hp, wp, c_in = dxp.shape
     run = kw * c_in
     flat = dxp.reshape(n_img, hp, wp * c_in)
-    for n in prange(n_img):
+    for n in range(n_img):
         for i in range(oh):
             for j in range(ow):
                 row = dcols[(n * oh + i) * ow + j]
