@@ -4,7 +4,9 @@ cannot rot unnoticed. PyTorch is made unimportable here: the suite needs no ``be
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -87,7 +89,7 @@ def test_without_torch_main_says_to_run_make_bench(bench):
     assert "make bench" in str(exc.value.code)
 
 
-@pytest.mark.parametrize("network", ["lenet5", "tinyvgg", "article", "small"])
+@pytest.mark.parametrize("network", ["lenet5", "tinyvgg", "article", "small", "fashion"])
 def test_every_network_builds_and_counts_its_flops(bench, network):
     model = bench.build_network(network)
     macs = sum(r["macs"] for r in model.summary_rows())
@@ -104,14 +106,31 @@ def test_extras_report_memory_growth_and_startup(bench):
         "images": 60000,
         "epochs": 5,
         "torch_imported": False,
-        "ru_maxrss_bytes": 500 * mib,
+        "peak_rss_bytes": 500 * mib,
+        "ru_maxrss_bytes": 900 * mib,
         "rss_after_epoch_bytes": [300 * mib, 300 * mib, 301 * mib, 302 * mib, 303 * mib],
         "epoch_seconds": [1.0] * 5,
     }
     startup = {"cnn --help": {"seconds_median": 0.2, "returncode": 0}}
     text = bench.format_extras(memory, startup)
-    assert "500 MiB" in text and "+1.0%" in text and "`cnn --help` 0.20 s" in text
+    assert "peak RSS 500 MiB" in text and "+1.0%" in text and "`cnn --help` 0.20 s" in text
 
 
 def test_matmul_peak_is_positive(bench):
     assert bench.matmul_peak(64, seconds=0.01) > 0
+
+
+def test_child_peak_is_its_own_not_the_parents(bench):
+    """Linux carries ru_maxrss over fork/vfork + exec, so a child started by a parent holding
+    a large buffer reports the parent's size there; the child's own peak (VmHWM) must not."""
+    import numpy as np
+
+    big = np.ones(300 * 1024**2 // 8)  # 300 MiB resident in this process
+    code = (
+        f"import json, sys; sys.path.insert(0, {str(BENCH.parent)!r}); import bench_engine as b; "
+        "print(json.dumps([b._peak_rss_bytes(), b._maxrss_bytes()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    own_peak, _inherited = json.loads(out.stdout)
+    assert big.sum() > 0
+    assert own_peak < 250 * 1024**2, f"child peak {own_peak / 1024**2:.0f} MiB counts the parent"
