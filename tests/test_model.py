@@ -145,6 +145,28 @@ def test_predict_proba_and_predict(rng):
     np.testing.assert_array_equal(model.predict(x), p.argmax(axis=1))
 
 
+def test_inference_in_small_batches_by_default(rng, monkeypatch):
+    """predict_proba and evaluate run big inputs through the network in INFERENCE_BATCH-image
+    pieces (a 1,000-image piece is 2-3x slower and needs gigabytes for the fashion preset),
+    with every image's answer in its place."""
+    from classic_cnn import metrics
+    from classic_cnn import model as model_module
+
+    model = lenet()
+    n = 2 * model_module.INFERENCE_BATCH + 5
+    x = rng.random((n, 28, 28, 1))
+    sizes = []
+    forward = model.forward
+    monkeypatch.setattr(model, "forward", lambda xb, **kw: sizes.append(len(xb)) or forward(xb))
+    p = model.predict_proba(x)
+    assert max(sizes) == model_module.INFERENCE_BATCH and sum(sizes) == n
+    np.testing.assert_allclose(p, model.predict_proba(x, batch_size=n), rtol=1e-5)
+    sizes.clear()
+    y = p.argmax(axis=1)
+    assert metrics.evaluate(model, (x, y))["accuracy"] == 1.0
+    assert max(sizes) == model_module.INFERENCE_BATCH and sum(sizes) == n
+
+
 def test_dropout_only_while_training(rng):
     model = cc.Sequential([cc.Flatten(), cc.Dropout(0.5), cc.Dense(4)], input_shape=(3, 3, 2))
     x = rng.normal(size=(5, 3, 3, 2))

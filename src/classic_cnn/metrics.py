@@ -24,7 +24,7 @@ def per_class_scores(confusion: np.ndarray) -> dict[str, np.ndarray]:
     return {"precision": precision, "recall": recall, "f1": f1, "support": actual}
 
 
-def evaluate(model, data, batch_size: int = 1000, loss=None, flip: bool = False) -> dict:
+def evaluate(model, data, batch_size: int | None = None, loss=None, flip: bool = False) -> dict:
     """Loss, accuracy, confusion matrix and per-class scores of ``model`` on ``data``.
 
     ``data`` is a :class:`~classic_cnn.data.Dataset` or an ``(images, labels)`` pair; uint8
@@ -33,7 +33,9 @@ def evaluate(model, data, batch_size: int = 1000, loss=None, flip: bool = False)
     and the loss is the cross-entropy of the averaged probabilities.
     """
     from .losses import CrossEntropyLoss
+    from .model import INFERENCE_BATCH
 
+    batch_size = batch_size or INFERENCE_BATCH
     x, y = (data.images, data.labels) if hasattr(data, "images") else data
     y = np.asarray(y)
     loss = loss or CrossEntropyLoss()
