@@ -68,7 +68,12 @@ def main() -> None:
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke)")
     p.add_argument("--out", default="runs/campaign")
+    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: all)")
     args = p.parse_args()
+    if args.threads:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=args.threads)
     console = Console()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -96,6 +101,7 @@ def main() -> None:
             "test_accuracy": evaluate(model, test)["accuracy"],
             "test_accuracy_flip_averaged": evaluate(model, test, flip=True)["accuracy"],
             "train_seconds": round(seconds, 1),
+            "threads": args.threads,
         }
         runs.append(row)
         console.print(row)
