@@ -9,8 +9,8 @@ Each run: 5,000 training images held out for validation (stratified, seed-chosen
 and weight decay, a one-cycle learning rate stepped every batch. With ``--lr-grid`` the learning
 rate is chosen per seed by validation accuracy after a short run of ``--grid-epochs``, before
 the full run. Test accuracy is reported plain and with test-time flip averaging, separately.
-Results go to ``--out/results.json`` and a table on stdout with the mean, best and worst seed
-and the wall time of each run.
+Results go to ``--out/results.json`` (with each run's per-epoch curves) and a table on stdout
+with the mean, best and worst seed and the wall time of each run.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run_one(args, seed, lr, epochs, train, val, console):
     steps = epochs * -(-len(train) // args.batch_size)
     loss = MSELoss() if args.loss == "mse" else CrossEntropyLoss(label_smoothing=args.smoothing)
     start = time.perf_counter()
-    fit(
+    state = fit(
         model,
         train,
         val,
@@ -49,7 +49,7 @@ def run_one(args, seed, lr, epochs, train, val, console):
         restore_best=False,
         console=console,
     )
-    return model, time.perf_counter() - start
+    return model, time.perf_counter() - start, state.history
 
 
 def main() -> None:
@@ -85,14 +85,14 @@ def main() -> None:
             train = train.take(args.limit)
         lr, grid = args.lr, {}
         for candidate in args.lr_grid or []:
-            model, _ = run_one(args, seed, candidate, args.grid_epochs, train, val, console)
+            model, _, _ = run_one(args, seed, candidate, args.grid_epochs, train, val, console)
             grid[candidate] = evaluate(model, val)["accuracy"]
             console.print(
                 f"seed {seed}: lr {candidate:g} → validation {100 * grid[candidate]:.2f}%"
             )
         if grid:
             lr = max(grid, key=grid.get)
-        model, seconds = run_one(args, seed, lr, args.epochs, train, val, console)
+        model, seconds, history = run_one(args, seed, lr, args.epochs, train, val, console)
         row = {
             "seed": seed,
             "lr": lr,
@@ -102,9 +102,10 @@ def main() -> None:
             "test_accuracy_flip_averaged": evaluate(model, test, flip=True)["accuracy"],
             "train_seconds": round(seconds, 1),
             "threads": args.threads,
+            "history": history,
         }
         runs.append(row)
-        console.print(row)
+        console.print({k: v for k, v in row.items() if k != "history"})
         (out / "results.json").write_text(json.dumps({"args": vars(args), "runs": runs}, indent=1))
     accs = [r["test_accuracy"] for r in runs]
     summary = {

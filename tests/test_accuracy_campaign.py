@@ -1,0 +1,34 @@
+"""scripts/accuracy_campaign.py end to end on a sliver of real Fashion-MNIST: the learning rate
+is chosen on the validation split, test accuracy is measured once, and the curves are kept."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from .test_real_data import fashion
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "accuracy_campaign.py"
+
+
+def test_campaign_chooses_on_validation_and_keeps_curves(tmp_path):
+    fashion("test")  # skips where Fashion-MNIST is not installed
+    out = tmp_path / "campaign"
+    cmd = [sys.executable, str(SCRIPT), "--preset", "small", "--epochs", "2", "--seeds", "0"]
+    cmd += ["--limit", "256", "--lr-grid", "0.01", "0.05", "--grid-epochs", "1"]
+    cmd += ["--batch-size", "64", "--threads", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    result = json.loads((out / "results.json").read_text())
+    (run,) = result["runs"]
+    grid = {float(k): v for k, v in run["lr_grid_val_accuracy"].items()}
+    assert set(grid) == {0.01, 0.05}
+    assert run["lr"] == max(grid, key=grid.get)
+    assert [row["epoch"] for row in run["history"]] == [1, 2]
+    assert run["history"][-1]["val_accuracy"] == run["val_accuracy"]
+    for key in ("test_accuracy", "test_accuracy_flip_averaged", "val_accuracy"):
+        assert 0.1 < run[key] <= 1.0, (key, run[key])
+    summary = result["summary"]
+    assert summary["mean_test_accuracy"] == summary["best"] == summary["worst"]
+    assert summary["mean_test_accuracy"] == run["test_accuracy"]
