@@ -219,6 +219,45 @@ def test_truncated_png_is_an_image_error(tmp_path, rng):
         read_image(cut)
 
 
+def _jpeg(path, rng) -> bytes:
+    """A real 96×128 colour JPEG (a gradient with noise, so its scan data is not trivial)."""
+    h, w = 96, 128
+    ramp = np.linspace(0, 255, w)[None, :, None] * np.ones((h, 1, 3))
+    pixels = np.clip(ramp + rng.normal(0, 40, (h, w, 3)), 0, 255).astype(np.uint8)
+    return save(path, Image.fromarray(pixels), quality=90).read_bytes()
+
+
+def test_truncated_jpeg_is_an_image_error(tmp_path, rng):
+    data = _jpeg(tmp_path / "full.jpg", rng)
+    scan = data.index(b"\xff\xda")
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    assert int(len(data) * 0.6) > scan + 100  # the cut is inside the scan data, not the header
+    with pytest.raises(
+        ImageError, match=r"cut\.jpg: damaged or truncated image data: .*trunc"
+    ) as info:
+        read_image(cut)
+    assert info.value.path == str(cut)
+
+
+def test_jpeg_with_garbage_scan_data_is_an_error_or_a_whole_image(tmp_path, rng):
+    data = bytearray(_jpeg(tmp_path / "full.jpg", rng))
+    scan = data.index(b"\xff\xda")
+    start = scan + 2 + int.from_bytes(data[scan + 2 : scan + 4], "big")  # after the SOS header
+    end = len(data) - 2  # keep the EOI marker
+    garbage = np.random.default_rng(1).integers(0, 256, end - start, np.uint8).tobytes()
+    data[start:end] = garbage
+    bad = tmp_path / "garbage.jpg"
+    bad.write_bytes(bytes(data))
+    try:
+        image = read_image(bad)
+    except ImageError as exc:  # libjpeg may give up on the data ...
+        assert "garbage.jpg: damaged or truncated image data" in str(exc)
+        assert exc.path == str(bad)
+    else:  # ... or decode it into glitches: then it must still be a whole, valid image
+        assert image.dtype == np.uint8 and image.shape == (96, 128, 3)
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that declares width×height 1-bit pixels but holds almost no data (a few bytes)."""
 

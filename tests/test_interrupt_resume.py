@@ -98,6 +98,40 @@ def test_checkpoint_every_n_steps_and_every_epoch(tmp_path, data):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+class RecordCheckpoint(cc.OneCycle):
+    """The one-cycle schedule, which also reads the checkpoint on disk before each step and
+    keeps (step, epoch, batch_in_epoch) each time the stored state changes."""
+
+    def __init__(self, path):
+        super().__init__(0.1, total=3 * 7)
+        self.path, self.seen = path, []
+
+    def __call__(self, t):
+        if self.path.exists():
+            state = load_state(self.path)
+            got = (state.step, state.epoch, state.batch_in_epoch)
+            if not self.seen or self.seen[-1] != got:
+                self.seen.append(got)
+        return super().__call__(t)
+
+
+@pytest.mark.parametrize(
+    "every,expected",
+    [
+        # 7 steps an epoch: saves at each multiple of 5 inside an epoch, and at each epoch's end
+        (5, [(5, 0, 5), (7, 1, 0), (10, 1, 3), (14, 2, 0), (15, 2, 1), (20, 2, 6)]),
+        (None, [(7, 1, 0), (14, 2, 0)]),  # without checkpoint_every: only at epoch ends
+    ],
+)
+def test_checkpoint_every_n_steps_is_written_mid_epoch(tmp_path, data, every, expected):
+    ckpt = tmp_path / "c.safetensors"
+    record = RecordCheckpoint(ckpt)
+    run(small_model(), data, schedule=record, checkpoint=ckpt, checkpoint_every=every)
+    assert record.seen == expected
+    final = load_state(ckpt)
+    assert (final.step, final.epoch, final.batch_in_epoch) == (21, 3, 0)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data):
     ckpt = tmp_path / "c.safetensors"

@@ -347,6 +347,7 @@ def bomb_png() -> bytes:
         ("notes.txt", b"hello, not an image", "cannot identify image file"),
         ("empty.png", b"", "empty"),
         ("cut.png", None, "damaged or truncated"),
+        ("cut.jpg", "cut jpeg", "damaged or truncated"),
         ("bomb.png", "bomb", "decompression-bomb"),
     ],
 )
@@ -354,6 +355,12 @@ def test_bad_files(setup, name, data, says):
     client = setup[3]
     if data is None:
         data = png_bytes(photo_like())[:200]
+    elif data == "cut jpeg":  # a real JPEG, cut inside its scan data
+        buf = io.BytesIO()
+        Image.fromarray(photo_like()).save(buf, format="JPEG", quality=90)
+        whole = buf.getvalue()
+        data = whole[: int(len(whole) * 0.6)]
+        assert len(data) > whole.index(b"\xff\xda") + 100
     elif data == "bomb":
         data = bomb_png()
         assert len(data) < 1_000_000
@@ -446,6 +453,40 @@ def test_cnn_serve_prints_its_address_and_serves(setup):
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_cnn_serve_on_every_interface_warns_and_serves(setup):
+    path = setup[1]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "classic_cnn.cli", "serve", str(path)]
+    proc = subprocess.Popen(
+        [*command, "--host", "0.0.0.0", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"http://0\.0\.0\.0:(\d+)/", line)
+        assert found, line
+        import httpx
+
+        url = f"http://127.0.0.1:{found.group(1)}/"
+        deadline = time.time() + 30
+        while True:
+            try:
+                r = httpx.get(url + "api/summary", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "the server did not answer"
+                time.sleep(0.1)
+        assert r.status_code == 200 and r.json()["name"] == path.name
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=20)[0]  # read after stopping: a missing note cannot hang
+    assert "note: listening on 0.0.0.0, not only on this machine (127.0.0.1)" in rest, rest
+    assert "there is no login" in rest, rest
 
 
 def test_cnn_serve_bad_model_is_one_line(tmp_path):
