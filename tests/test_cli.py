@@ -307,3 +307,54 @@ def test_interrupt_a_real_run_then_resume_to_the_same_weights(data_env, sig, cod
     a = load_file(str(data_env / "straight" / "model.safetensors"))
     b = load_file(str(data_env / "cut" / "model.safetensors"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("value", ["0", "-0.01"])
+def test_learning_rate_must_be_positive(data_env, value):
+    """--lr 0 is a usage error naming the option and the value, not a run at the default rate."""
+    result = run(*TRAIN, "--lr", value, "--out", data_env / "lr-run")
+    assert result.exit_code == 2, result.output
+    assert "--lr" in result.output and f"Received: {value}" in result.output
+    assert not (data_env / "lr-run").exists()
+    ok = run(*TRAIN, "--epochs", "1", "--lr", "0.01", "--out", data_env / "lr-ok")
+    assert ok.exit_code == 0 and "adam lr 0.01 " in ok.output, ok.output
+
+
+def test_demo_without_the_dataset_says_how_to_get_it(tmp_path, monkeypatch):
+    """No cache, no Debian folder, downloads refused at once: exit 1 with the way to get the
+    data, and no run folder."""
+    monkeypatch.setenv("CLASSIC_CNN_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("CLASSIC_CNN_SYSTEM_DATA", str(tmp_path / "no-system"))
+    monkeypatch.setenv("CLASSIC_CNN_MIRROR", "http://127.0.0.1:9/{name}/")  # refused at once
+    monkeypatch.chdir(tmp_path)
+    result = run("demo", "--epochs", "1")
+    assert result.exit_code == 1, result.output
+    assert "dataset-fashion-mnist" in result.output and "--data" in result.output
+    assert not (tmp_path / "runs").exists()
+    assert not any((tmp_path / "empty-cache").rglob("*.gz"))
+
+
+@pytest.mark.parametrize("under", ["afile", "afile/seen"])
+def test_predict_save_input_under_a_file(trained, data_env, under):
+    from PIL import Image
+
+    Image.fromarray(bars(1, 5)[0][0]).save(data_env / "img.png")
+    (data_env / "afile").write_text("x")
+    target = data_env / under
+    result = run("predict", trained, data_env / "img.png", "--save-input", target)
+    assert result.exit_code == 1, result.output
+    assert str(target) in result.output and "afile is a file" in result.output
+    assert (data_env / "afile").read_text() == "x"
+
+
+@pytest.mark.parametrize("under", ["afile", "afile/plots"])
+def test_test_plots_under_a_file(trained, data_env, under):
+    report = trained.parent / "report.html"
+    before = report.read_bytes()
+    (data_env / "afile").write_text("x")
+    target = data_env / under
+    result = run("test", trained, "--plots", target)
+    assert result.exit_code == 1, result.output
+    assert str(target) in result.output and "afile is a file" in result.output
+    assert (data_env / "afile").read_text() == "x"
+    assert report.read_bytes() == before  # the run's report is not half-updated

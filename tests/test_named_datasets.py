@@ -297,6 +297,26 @@ def test_fetch_downloads_all_four_files(places, server):
     assert dataset_status()[0]["splits"] == {"train": "cache", "test": "cache"}
 
 
+def test_cnn_data_fetch_downloads_into_the_cache(places, server):
+    """`cnn data fetch NAME` on the command line: from the local mirror into the cache folder."""
+    from typer.testing import CliRunner
+
+    from classic_cnn.cli import app
+
+    result = CliRunner().invoke(app, ["data", "fetch", "fashion-mnist"])
+    assert result.exit_code == 0, result.output
+    assert str(places["cache"]) in result.output
+    assert [p.name for p in files_under(places["cache"])] == sorted(
+        DATASETS["fashion-mnist"].files.values()
+    )
+    train = load_dataset("fashion-mnist", "train", download=False)
+    test = load_dataset("fashion-mnist", "test", download=False)
+    assert train.images.shape == (30, 28, 28, 1) and test.images.shape == (12, 28, 28, 1)
+    assert (train.images == 7).all() and train.source == str(places["cache"])
+    unknown = CliRunner().invoke(app, ["data", "fetch", "cifar"])
+    assert unknown.exit_code == 1 and "fashion-mnist, mnist" in unknown.output
+
+
 def test_download_with_a_progress_bar(places, server, monkeypatch):
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
     ds = load_dataset("fashion-mnist", "train")

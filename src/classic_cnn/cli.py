@@ -91,6 +91,13 @@ def _threads(n: int | None):
     return threadpool_limits(limits=n) if n else threadpool_limits(limits=None)
 
 
+def _positive(value: float | None) -> float | None:
+    """A strictly positive number (a learning rate of 0 would silently mean the default)."""
+    if value is not None and not value > 0:
+        raise typer.BadParameter(f"must be greater than 0. Received: {value:g}")
+    return value
+
+
 def load_data(data: str, split: str, limit: int | None = None, classes=None):
     """A named dataset, a folder of IDX files, or a folder of class sub-folders of images."""
     from .data import sources
@@ -119,7 +126,10 @@ def train(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per step.")] = 64,
     lr: Annotated[
         float | None,
-        typer.Option(min=0.0, help="Learning rate (default: 0.001 for adam, 0.05 for sgd)."),
+        typer.Option(
+            callback=_positive,
+            help="Learning rate, greater than 0 (default: 0.001 for adam, 0.05 for sgd).",
+        ),
     ] = None,
     optimizer: Annotated[OptimizerName, typer.Option(help="Optimizer.")] = OptimizerName.adam,
     loss: Annotated[
@@ -304,10 +314,15 @@ def _now() -> str:
     return dt.datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-def _check_run_dir(out: Path, overwrite: bool) -> None:
-    for parent in [out, *out.parents]:
+def _not_under_a_file(folder: Path, what: str) -> None:
+    """Refuse, before any work, a folder that is a regular file or lies under one."""
+    for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
-            raise ValueError(f"cannot use {out} as a run folder: {parent} is a file")
+            raise ValueError(f"cannot use {folder} as {what}: {parent} is a file")
+
+
+def _check_run_dir(out: Path, overwrite: bool) -> None:
+    _not_under_a_file(out, "a run folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"run folder {out} is not empty: choose another --out, or add --overwrite")
 
@@ -343,6 +358,8 @@ def test(
     from . import io
     from .metrics import evaluate
 
+    if plots is not None:
+        _not_under_a_file(plots, "the --plots folder")
     model = io.load(model_path)
     source = data or (model.metadata.get("dataset") or {}).get("name") or DEFAULT_DATA
     test_set = load_data(source, "test", limit, model.classes)
@@ -479,6 +496,8 @@ def predict(
     for image_path in images:  # check all before doing any work
         if not image_path.is_file():
             raise ValueError(f"no such image file: {image_path}")
+    if save_input:
+        _not_under_a_file(save_input, "the --save-input folder")
     results = []
     for image_path in images:
         image = read_image(image_path)
