@@ -449,10 +449,10 @@ def test_cnn_serve_prints_its_address_and_serves(setup):
                 assert time.time() < deadline, "the server did not answer"
                 time.sleep(0.1)
         assert r.status_code == 200 and r.json()["name"] == path.name
-        assert "not only on this machine" not in line
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        rest = proc.communicate(timeout=20)[0]  # everything it printed, read after stopping
+    assert "not only on this machine" not in line + rest, line + rest
 
 
 def test_cnn_serve_on_every_interface_warns_and_serves(setup):
