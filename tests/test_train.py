@@ -11,7 +11,7 @@ from rich.console import Console
 
 import classic_cnn as cc
 from classic_cnn.data import Dataset
-from classic_cnn.data.batches import Augment
+from classic_cnn.data.batches import Augment, Preprocessing
 from classic_cnn.train import TrainingDiverged, fit, write_history
 
 
@@ -252,3 +252,18 @@ def test_flip_averaging_in_evaluate():
     expected_loss = -np.log(probs[np.arange(len(data)), data.labels]).mean()
     assert flipped["loss"] == pytest.approx(expected_loss, rel=1e-5)
     assert plain["accuracy"] == pytest.approx((plain["predicted"] == data.labels).mean())
+
+
+def test_uint8_arrays_are_normalised_like_a_dataset():
+    """uint8 (images, labels) arrays get the same treatment as a Dataset: per-channel mean/std
+    recorded in model.preprocessing, so predict_proba takes uint8 images afterwards."""
+    data = bars()
+    model = small_model()
+    state = fit(
+        model, (data.images, data.labels), epochs=3, optimizer=cc.Adam(0.01), console=quiet()
+    )
+    assert state.history[-1]["train_accuracy"] > 0.8
+    assert model.preprocessing is not None
+    expected = Preprocessing.from_dataset(data, model.input_shape)
+    assert model.preprocessing.mean == expected.mean and model.preprocessing.std == expected.std
+    assert model.predict_proba(data.images[:4]).shape[0] == 4

@@ -157,6 +157,12 @@ def fit(
         raise ValueError(f"batch_size must be a positive int. Received: batch_size={batch_size!r}")
 
     x, y = _as_arrays(train)
+    if not isinstance(train, Dataset) and x.dtype == np.uint8:
+        # uint8 arrays are images: treat them as a Dataset (classes '0', '1', … unless the
+        # model has names) so they are normalised, and the statistics recorded, the same way
+        classes = model.classes or [str(k) for k in range(int(np.prod(model.output_shape)))]
+        train = Dataset(x, y, classes=list(classes))
+        x, y = train.images, train.labels
     if isinstance(train, Dataset):
         if model.preprocessing is None:
             model.preprocessing = Preprocessing.from_dataset(train, model.input_shape)

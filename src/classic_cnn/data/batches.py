@@ -170,5 +170,8 @@ def iterate_batches(
         if xb.dtype == np.uint8:
             if augment:
                 xb = augment_batch(xb, augment_rng, augment.shift, augment.flip, fill)
-            xb = prep.apply(xb, dtype) if prep is not None else xb.astype(dtype) / dtype(255)
+            if prep is not None:
+                xb = prep.apply(xb, dtype)
+            else:
+                xb = xb.astype(dtype) / np.dtype(dtype).type(255)
         yield xb, y[idx]
