@@ -423,68 +423,48 @@ def test_only_the_packages_own_files_are_served(setup):
 # the command
 
 
-def test_cnn_serve_prints_its_address_and_serves(setup):
-    path = setup[1]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+def serve_and_ask(path, host):
+    """Run `cnn serve PATH [--host HOST] --port 0`, ask it for the summary on 127.0.0.1, stop it;
+    return the first line it printed, the summary's name and all it printed after that."""
+    import httpx
+
+    host_args = ["--host", host] if host else []
     proc = subprocess.Popen(
-        [sys.executable, "-m", "classic_cnn.cli", "serve", str(path), "--port", "0"],
+        [sys.executable, "-m", "classic_cnn.cli", "serve", str(path), *host_args, "--port", "0"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
     )
     try:
         line = proc.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        found = re.search(rf"http://{re.escape(host or '127.0.0.1')}:(\d+)/", line)
         assert found, line
-        import httpx
-
-        url = found.group(0)
+        url = f"http://127.0.0.1:{found.group(1)}/api/summary"
         deadline = time.time() + 30
         while True:
             try:
-                r = httpx.get(url + "api/summary", timeout=5)
+                r = httpx.get(url, timeout=5)
                 break
             except httpx.TransportError:
                 assert time.time() < deadline, "the server did not answer"
                 time.sleep(0.1)
-        assert r.status_code == 200 and r.json()["name"] == path.name
+        assert r.status_code == 200
     finally:
         proc.terminate()
-        rest = proc.communicate(timeout=20)[0]  # everything it printed, read after stopping
+        rest = proc.communicate(timeout=20)[0]  # read after stopping: a missing line cannot hang
+    return line, r.json()["name"], rest
+
+
+def test_cnn_serve_prints_its_address_and_serves(setup):
+    line, name, rest = serve_and_ask(setup[1], None)
+    assert name == setup[1].name
     assert "not only on this machine" not in line + rest, line + rest
 
 
 def test_cnn_serve_on_every_interface_warns_and_serves(setup):
-    path = setup[1]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "classic_cnn.cli", "serve", str(path)]
-    proc = subprocess.Popen(
-        [*command, "--host", "0.0.0.0", "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=env,
-    )
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"http://0\.0\.0\.0:(\d+)/", line)
-        assert found, line
-        import httpx
-
-        url = f"http://127.0.0.1:{found.group(1)}/"
-        deadline = time.time() + 30
-        while True:
-            try:
-                r = httpx.get(url + "api/summary", timeout=5)
-                break
-            except httpx.TransportError:
-                assert time.time() < deadline, "the server did not answer"
-                time.sleep(0.1)
-        assert r.status_code == 200 and r.json()["name"] == path.name
-    finally:
-        proc.terminate()
-        rest = proc.communicate(timeout=20)[0]  # read after stopping: a missing note cannot hang
+    _, name, rest = serve_and_ask(setup[1], "0.0.0.0")
+    assert name == setup[1].name
     assert "note: listening on 0.0.0.0, not only on this machine (127.0.0.1)" in rest, rest
     assert "there is no login" in rest, rest
 
