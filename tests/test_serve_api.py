@@ -452,7 +452,11 @@ def serve_and_ask(path, host):
         assert r.status_code == 200
     finally:
         proc.terminate()
-        rest = proc.communicate(timeout=20)[0]  # read after stopping: a missing line cannot hang
+        proc.wait(timeout=20)
+        # read after stopping, so a missing line cannot hang; through the same buffered reader
+        # as the first line (communicate() would read the pipe beneath it and miss what
+        # readline() had already buffered)
+        rest = proc.stdout.read()
     return line, r.json()["name"], rest
 
 
