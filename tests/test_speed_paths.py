@@ -50,6 +50,48 @@ def test_conv_accepts_non_contiguous_inputs(rng):
     assert rel_error(dx, dx_ref) < 1e-5 and rel_error(dw, dw_ref) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize(
+    "shape,kernel,stride,padding",
+    [
+        ((7, 9, 8, 12), (3, 3), 1, "same"),  # direct size, forced to im2col below
+        ((5, 10, 9, 3), (4, 4), 2, "same"),  # stride 2, odd total padding
+        ((6, 8, 8, 2), (3, 5), 3, ((2, 0), (1, 3))),  # uneven explicit padding
+        ((4, 6, 6, 5), (6, 6), 1, "valid"),  # kernel as large as the input
+    ],
+)
+@pytest.mark.parametrize("piece_images", [1, 3])
+def test_im2col_path_in_pieces_matches_reference(
+    rng, monkeypatch, dtype, tol, shape, kernel, stride, padding, piece_images
+):
+    """The im2col path works on pieces of a few images (patches kept in a reused, cache-sized
+    buffer; the weight gradient summed piece by piece): pieces of 1 and 3 images, batches that
+    do not divide evenly, padding on every side, strides 1–3."""
+    monkeypatch.setattr(ops, "DIRECT_MAX_PATCH", 0)
+    x = rng.normal(size=shape).astype(dtype)
+    w = rng.normal(size=(*kernel, shape[3], 4)).astype(dtype)
+    b = rng.normal(size=4).astype(dtype)
+    oh = ops.output_size(
+        shape[1], kernel[0], stride, *ops.resolve_padding(padding, shape[1:3], kernel, stride)[0]
+    )
+    ow = ops.output_size(
+        shape[2], kernel[1], stride, *ops.resolve_padding(padding, shape[1:3], kernel, stride)[1]
+    )
+    patch_bytes = oh * ow * kernel[0] * kernel[1] * shape[3] * np.dtype(dtype).itemsize
+    monkeypatch.setattr(ops, "IM2COL_PIECE_BYTES", piece_images * patch_bytes)
+    assert ops._piece_images(shape[0], oh * ow, kernel[0] * kernel[1] * shape[3], dtype) == (
+        piece_images
+    )
+    y, cache = ops.conv2d_forward(x, w, b, stride, padding)
+    assert rel_error(y, ref.conv2d_forward(x, w, b, stride, padding)) < tol
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dx, dw, db = ops.conv2d_backward(dy, cache)
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, x, w, stride, padding)
+    assert rel_error(dx, dx_ref) < tol
+    assert rel_error(dw, dw_ref) < tol
+    assert rel_error(db, db_ref) < tol
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_backward_matches_numpy(rng, dtype):
     x = rng.normal(size=(3, 5, 4, 2)).astype(dtype)

@@ -17,6 +17,7 @@ Output size of a sliding window (convolution or pooling) along one axis::
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -71,13 +72,6 @@ def resolve_padding(
     return (int(pt), int(pb)), (int(pl), int(pr))
 
 
-def _pad(x: np.ndarray, pads: Pads) -> np.ndarray:
-    (pt, pb), (pl, pr) = pads
-    if pt == pb == pl == pr == 0:
-        return x
-    return np.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-
-
 # --------------------------------------------------------------------------------------------
 # Compiled loops
 # --------------------------------------------------------------------------------------------
@@ -121,9 +115,16 @@ def im2col(x: np.ndarray, kh: int, kw: int, stride: int, pads: Pads) -> np.ndarr
     oh = output_size(h, kh, stride, *pads[0])
     ow = output_size(w, kw, stride, *pads[1])
     cols = np.empty((n, oh, ow, kh, kw, c), dtype=x.dtype)
-    # one compiled pass: per (image, position, kernel row) one contiguous run of KW·C numbers
-    _k().im2col(_pad(x, pads), kh, kw, stride, oh, ow, cols.reshape(n * oh * ow, kh * kw * c))
+    _im2col_into(
+        np.ascontiguousarray(x), kh, kw, stride, pads, oh, ow, cols.reshape(n * oh * ow, -1)
+    )
     return cols
+
+
+def _im2col_into(x, kh, kw, stride, pads, oh, ow, cols2d):
+    # one compiled pass: per (image, position, kernel row) one contiguous run of KW·C numbers;
+    # the padding is never materialised (positions outside x read as 0)
+    _k().im2col(x, kh, kw, stride, pads[0][0], pads[1][0], oh, ow, cols2d)
 
 
 def col2im(dcols: np.ndarray, x_shape, kh: int, kw: int, stride: int, pads: Pads) -> np.ndarray:
@@ -134,9 +135,42 @@ def col2im(dcols: np.ndarray, x_shape, kh: int, kw: int, stride: int, pads: Pads
     (pt, pb), (pl, pr) = pads
     oh = output_size(h, kh, stride, pt, pb)
     ow = output_size(w, kw, stride, pl, pr)
-    dxp = np.zeros((n, h + pt + pb, w + pl + pr, c), dtype=dcols.dtype)
-    _k().col2im(dcols, kh, kw, stride, oh, ow, dxp)
-    return dxp[:, pt : pt + h, pl : pl + w, :]
+    dx = np.zeros((n, h, w, c), dtype=dcols.dtype)
+    _k().col2im(np.ascontiguousarray(dcols), kh, kw, stride, pt, pl, oh, ow, dx)
+    return dx
+
+
+#: bytes of patches the im2col path gathers at a time. The convolution runs on pieces of a few
+#: images whose patches fit in the CPU's caches, in one buffer reused from piece to piece,
+#: instead of gathering the whole batch's patches at once (115 MB for the fashion preset's
+#: second conv at batch 128: fresh pages, and every product reading from main memory).
+#: Measured on that conv (batch 128, 28×28×32 → 32, 2 threads): forward 38 → 15 ms, weight
+#: gradient 28 → 18 ms (the patches gathered again, piece by piece, instead of kept).
+IM2COL_PIECE_BYTES = 4 << 20
+
+
+def _piece_images(n: int, positions: int, patch: int, dtype) -> int:
+    """Images per piece of the im2col path: as many as :data:`IM2COL_PIECE_BYTES` of patches
+    hold, at least one."""
+    per_image = positions * patch * np.dtype(dtype).itemsize
+    return max(1, min(n, IM2COL_PIECE_BYTES // max(per_image, 1)))
+
+
+_WORK = threading.local()
+
+
+def _workspace(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """A scratch array of ``shape``, reused by later calls on the same thread (its contents are
+    whatever the last user left)."""
+    bufs = getattr(_WORK, "bufs", None)
+    if bufs is None:
+        bufs = _WORK.bufs = {}
+    size = math.prod(shape)
+    key = (name, np.dtype(dtype).str)
+    buf = bufs.get(key)
+    if buf is None or buf.size < size:
+        buf = bufs[key] = np.empty(max(size, 1), dtype=dtype)
+    return buf[:size].reshape(shape)
 
 
 def _window_slices(kh: int, kw: int, stride: int, oh: int, ow: int):
@@ -200,11 +234,21 @@ def conv2d_forward(
         (pt, pb), (pl, pr) = pads
         _k().conv2d_s1_forward(x, np.ascontiguousarray(w), bias, pt, pb, pl, pr, y)
         return y, (x, w, b is not None, stride, pads, None)
-    cols = im2col(x, kh, kw, stride, pads).reshape(n * oh * ow, kh * kw * cin)
-    y = cols @ w.reshape(kh * kw * cin, cout)
-    if b is not None:
-        y += b
-    return y.reshape(n, oh, ow, cout), (x, w, b is not None, stride, pads, cols)
+    # im2col × kernels, a few images at a time (see IM2COL_PIECE_BYTES)
+    patch, per = kh * kw * cin, oh * ow
+    wmat = np.ascontiguousarray(w).reshape(patch, cout)
+    y = np.empty((n * per, cout), dtype=x.dtype)
+    step = _piece_images(n, per, patch, x.dtype)
+    cols = _workspace("cols", (step * per, patch), x.dtype)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        piece = cols[: (e - s) * per]
+        _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
+        out = y[s * per : e * per]
+        np.matmul(piece, wmat, out=out)
+        if b is not None:
+            out += b
+    return y.reshape(n, oh, ow, cout), (x, w, b is not None, stride, pads, "im2col")
 
 
 def conv2d_backward(
@@ -219,10 +263,10 @@ def conv2d_backward(
     patch, ``dx_pad[n, i*s + di, j*s + dj, :] += w[di, dj] · dy[n, i, j, :]``; overlapping patches
     add up (the adjoint of im2col, "col2im").
     """
-    x, w, has_bias, stride, pads, cols = cache
+    x, w, has_bias, stride, pads, path = cache
     kh, kw, cin, cout = w.shape
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
-    if cols is None:  # the direct path: per-image sums, added in image order (deterministic)
+    if path is None:  # the direct path: per-image sums, added in image order (deterministic)
         n = x.shape[0]
         (pt, pb), (pl, pr) = pads
         dw_parts = np.empty((n, kh, kw, cin, cout), dtype=x.dtype)
@@ -234,14 +278,33 @@ def conv2d_backward(
         dw = dw_parts.sum(axis=0)
         db = db_parts.sum(axis=0) if has_bias else None
         return (dx if input_grad else None), dw, db
+    # piece by piece, as the forward pass: the patches gathered again (cheaper than keeping
+    # the whole batch's), dw summed piece by piece in order, patch gradients added back
+    n = x.shape[0]
+    oh, ow = dy.shape[1], dy.shape[2]
+    patch, per = kh * kw * cin, oh * ow
     dy2 = dy.reshape(-1, cout)
-    wmat = w.reshape(kh * kw * cin, cout)
-    dw = (cols.T @ dy2).reshape(w.shape)
+    wmat_t = np.ascontiguousarray(w).reshape(patch, cout).T
     # a column sum as a product with ones: BLAS does it ~8× faster than ndarray.sum(axis=0)
     db = np.ones(len(dy2), dtype=dy2.dtype) @ dy2 if has_bias else None
-    if not input_grad:
-        return None, dw, db
-    return col2im(dy2 @ wmat.T, x.shape, kh, kw, stride, pads), dw, db
+    dw = np.zeros((patch, cout), dtype=x.dtype)
+    dw_piece = np.empty_like(dw)
+    dx = np.zeros(x.shape, dtype=x.dtype) if input_grad else None
+    step = _piece_images(n, per, patch, x.dtype)
+    cols = _workspace("cols", (step * per, patch), x.dtype)
+    dcols = _workspace("dcols", (step * per, patch), x.dtype) if input_grad else None
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        piece = cols[: (e - s) * per]
+        dy_piece = dy2[s * per : e * per]
+        _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
+        np.matmul(piece.T, dy_piece, out=dw_piece)
+        dw += dw_piece
+        if input_grad:
+            dpiece = dcols[: (e - s) * per]
+            np.matmul(dy_piece, wmat_t, out=dpiece)
+            _k().col2im(dpiece, kh, kw, stride, pads[0][0], pads[1][0], oh, ow, dx[s:e])
+    return dx, dw.reshape(w.shape), db
 
 
 # --------------------------------------------------------------------------------------------
