@@ -13,11 +13,12 @@ channels-first, ``xp[c]`` a flat array of ``Hp·Wp`` numbers. Output ``(i, j)`` 
 every ``t`` from 0 to ``(H' − 1)·Wp + W'`` (the columns ``j ≥ W'`` are thrown away) turns the
 convolution into, per kernel offset, one long multiply-add over contiguous memory.
 
-Threads: these loops run on the calling thread only; the matrix products (BLAS) use the
-threads that threadpoolctl allows. Measured (benchmark, 2 threads, LeNet-5 training batch 64):
-the same loops split over images with ``prange`` ran 0.14x PyTorch, serial 1.04x: numba's
-OpenMP pool, OpenBLAS's and PyTorch's spin-wait for work, and on two cores three pools of
-spinning threads starve each other (``OMP_WAIT_POLICY=PASSIVE`` confirms it: 1.57x).
+Threads: each loop runs on the thread that calls it, without holding Python's GIL
+(``nogil``), so that ``ops.py`` can run pieces of one batch on several threads at once (see
+``ops.engine_threads``). Not numba's own ``prange``: measured (benchmark, 2 threads, LeNet-5
+training batch 64), the same loops split over images with ``prange`` ran 0.14x PyTorch, serial
+1.04x: numba's OpenMP pool, OpenBLAS's and PyTorch's spin-wait for work, and on two cores
+pools of spinning threads starve each other (``OMP_WAIT_POLICY=PASSIVE`` confirms it: 1.57x).
 
 Determinism: every output number is computed in a fixed order; a weight gradient is summed per
 image, and the per-image sums are added in image order (the layout a parallel version would
@@ -35,7 +36,7 @@ from numba import njit
 _REDUCE = {"reassoc", "contract", "nsz", "arcp"}
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y):
     """Stride-1 convolution: ``y[n, i, j, k] = b[k] + Σ x_pad[n, i+di, j+dj, c]·w[di, dj, c, k]``.
 
@@ -75,7 +76,7 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y):
                     y[n, i, j, k] = acc[k, t]
 
 
-@njit(cache=True, fastmath=_REDUCE)
+@njit(cache=True, nogil=True, fastmath=_REDUCE)
 def conv2d_s1_backward(x, w, dy, pt, pb, pl, pr, dw_parts, db_parts, dx, input_grad):
     """Gradients of :func:`conv2d_s1_forward`, per image.
 
@@ -138,7 +139,7 @@ def conv2d_s1_backward(x, w, dy, pt, pb, pl, pr, dw_parts, db_parts, dx, input_g
                         dx[n, r, col, c] = dxp[c, base]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def maxpool2d_forward(x, ph, pw, stride, y, arg):
     """Max pooling; ``arg[n, i, j, c]`` = the winner's row-major index inside its window (the
     first maximum on a tie, as ``np.argmax`` picks it: only a strictly larger value replaces it).
@@ -165,7 +166,7 @@ def maxpool2d_forward(x, ph, pw, stride, y, arg):
                     arg[n, i, j, c] = a
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def maxpool2d_backward(dy, arg, pw, stride, dx):
     """Each output's gradient added to its window's winner; dx must start at zero."""
     n_img, oh, ow, ch = dy.shape
@@ -177,7 +178,7 @@ def maxpool2d_backward(dy, arg, pw, stride, dx):
                     dx[n, i * stride + a // pw, j * stride + a % pw, c] += dy[n, i, j, c]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def im2col(x, kh, kw, stride, pt, pl, oh, ow, cols):
     """Patches of x (N, H, W, C), zero-padded by ``pt`` rows on top and ``pl`` columns on the
     left (and as many at the bottom and right as the output size needs), as the rows of cols
@@ -214,7 +215,7 @@ def im2col(x, kh, kw, stride, pt, pl, oh, ow, cols):
                         row[base + t] = 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def col2im(dcols, kh, kw, stride, pt, pl, oh, ow, dx):
     """The adjoint of :func:`im2col`: each patch row of dcols added back where it came from,
     into dx (N, H, W, C), which must start at zero; the parts of a patch in the padding are
@@ -241,14 +242,14 @@ def col2im(dcols, kh, kw, stride, pt, pl, oh, ow, dx):
                         dst[t] += src[t]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def relu_backward(dy, y, dx):
     """``dx = dy`` where ``y > 0``, else 0 (flat, contiguous arrays), in one pass."""
     for t in range(dy.size):
         dx[t] = dy[t] if y[t] > 0 else 0
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def channel_mean_var(x):
     """Per-channel mean and biased variance of x (M, C), two passes, float64 sums (the channels
     are the contiguous inner loop, so each channel's sum is a vector lane)."""
@@ -268,7 +269,7 @@ def channel_mean_var(x):
     return mean, q / m
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def batchnorm_apply(x, mean, inv_std, gamma, beta, xhat, y):
     """``xhat = (x − mean)·inv_std``, ``y = xhat·gamma + beta`` in one pass over x (M, C)."""
     m, c = x.shape
@@ -280,7 +281,7 @@ def batchnorm_apply(x, mean, inv_std, gamma, beta, xhat, y):
             yr[k] = h * gamma[k] + beta[k]
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def batchnorm_grad_sums(dy, xhat):
     """``Σ dy`` and ``Σ dy·xhat`` per channel of (M, C) arrays, float64 sums."""
     m, c = dy.shape
@@ -294,7 +295,7 @@ def batchnorm_grad_sums(dy, xhat):
     return sb, sg
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def batchnorm_dx(dy, xhat, scale, shift, slope, dx):
     """``dx = scale·dy − shift − xhat·slope`` per channel, one pass over (M, C)."""
     m, c = dy.shape

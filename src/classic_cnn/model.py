@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 
+from . import ops
 from .layers import Dropout, Layer, Softmax, _fmt_shape, layer_from_config
 from .losses import CrossEntropyLoss, Loss
 
@@ -134,8 +135,9 @@ class Sequential:
     def forward(self, x, training: bool = False) -> np.ndarray:
         """Logits (N, classes) for a batch x (N, H, W, C)."""
         x = self._as_batch(x)
-        for layer in self.layers:
-            x = layer.forward(x, training)
+        with ops.engine_threads():
+            for layer in self.layers:
+                x = layer.forward(x, training)
         return x
 
     __call__ = forward
@@ -146,8 +148,9 @@ class Sequential:
         and the first layer then skips computing it)."""
         self.layers[0].input_grad = input_grad
         d = dlogits
-        for layer in reversed(self.layers):
-            d = layer.backward(d)
+        with ops.engine_threads():
+            for layer in reversed(self.layers):
+                d = layer.backward(d)
         return d
 
     def predict_proba(self, x, batch_size: int | None = None) -> np.ndarray:

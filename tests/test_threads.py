@@ -1,0 +1,162 @@
+"""Work split over threads (ops.engine_threads): the same numbers as one thread, BLAS held to
+one thread inside and restored after, and training steps bit-identical run to run."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from classic_cnn import SGD as Sgd
+from classic_cnn import CrossEntropyLoss, ops, presets
+from classic_cnn import reference as ref
+
+from .conftest import rel_error
+
+threadpoolctl = pytest.importorskip("threadpoolctl")
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """Split even tiny operations, so that the small arrays of a test take the threaded paths."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+
+
+def _conv_all(x, w, b, stride, padding):
+    y, cache = ops.conv2d_forward(x, w, b, stride, padding)
+    dy = np.random.default_rng(7).normal(size=y.shape).astype(x.dtype)
+    return (y, *ops.conv2d_backward(dy, cache)), dy
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize(
+    "shape,kernel,stride,padding",
+    [
+        ((5, 9, 8, 2), (3, 3), 1, "same"),  # direct path, split over images
+        ((7, 9, 8, 12), (3, 3), 1, "same"),  # im2col path, pieces dealt out to threads
+        ((6, 10, 9, 3), (4, 4), 2, "same"),  # im2col, stride 2
+        ((1, 6, 6, 20), (3, 3), 1, "valid"),  # one image: nothing to split
+    ],
+)
+def test_threaded_convolution_equals_one_thread_and_reference(
+    rng, split_everything, threads, shape, kernel, stride, padding
+):
+    x = rng.normal(size=shape).astype(np.float32)
+    w = rng.normal(size=(*kernel, shape[3], 5)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32)
+    serial, dy = _conv_all(x, w, b, stride, padding)
+    with ops.engine_threads(threads):
+        assert ops.threads() == threads
+        split, _ = _conv_all(x, w, b, stride, padding)
+    assert ops.threads() == 1
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, x, w, stride, padding)
+    want = (ref.conv2d_forward(x, w, b, stride, padding), dx_ref, dw_ref, db_ref)
+    for got, one, ref_value in zip(split, serial, want, strict=True):
+        assert rel_error(got, ref_value) < 1e-5
+        if ops._direct(w, stride):  # per-image parts: the very same sums
+            np.testing.assert_array_equal(got, one)
+        else:  # pieces may be smaller with more threads: same numbers up to rounding
+            np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-5)
+
+
+def test_threaded_pooling_activation_dense_and_batchnorm_equal_one_thread(rng, split_everything):
+    x = rng.normal(size=(6, 8, 8, 4)).astype(np.float32)
+    dy_pool = rng.normal(size=(6, 4, 4, 4)).astype(np.float32)
+    xd = rng.normal(size=(9, 20)).astype(np.float32)
+    wd = rng.normal(size=(20, 7)).astype(np.float32)
+    bd = rng.normal(size=7).astype(np.float32)
+    dyd = rng.normal(size=(9, 7)).astype(np.float32)
+    gamma, beta = rng.normal(size=4).astype(np.float32), rng.normal(size=4).astype(np.float32)
+
+    def run():
+        out = []
+        y, cache = ops.maxpool2d_forward(x, (2, 2), 2)
+        out += [y, ops.maxpool2d_backward(dy_pool, cache)]
+        y, cache = ops.relu_forward(x)
+        out += [y, ops.relu_backward(x[::-1], cache)]
+        y, cache = ops.dense_forward(xd, wd, bd)
+        out += [y, *ops.dense_backward(dyd, cache)]
+        rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+        y, cache = ops.batchnorm_forward(x, gamma, beta, rm, rv, training=True)
+        out += [y, rm, rv, *ops.batchnorm_backward(x[::-1], cache)]
+        return out
+
+    serial = run()
+    with ops.engine_threads(2):
+        split = run()
+    for one, got in zip(serial, split, strict=True):
+        np.testing.assert_allclose(got, one, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(split[0], serial[0])  # pooling: the same maxima
+    np.testing.assert_array_equal(split[2], np.maximum(x, 0))  # relu
+
+
+def _blas_threads():
+    return [
+        lib["num_threads"] for lib in threadpoolctl.threadpool_info() if lib["user_api"] == "blas"
+    ]
+
+
+def test_blas_is_held_to_one_thread_inside_and_restored_after():
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = _blas_threads()
+        assert before and max(before) == 2
+        with ops.engine_threads():
+            assert ops.threads() == 2  # the BLAS thread count it found
+            assert max(_blas_threads()) == 1
+            with ops.engine_threads(5):  # nested: the outer setting holds
+                assert ops.threads() == 2
+        assert _blas_threads() == before
+        try:
+            with ops.engine_threads():
+                raise RuntimeError("boom")
+        except RuntimeError:
+            pass
+        assert _blas_threads() == before and ops.threads() == 1
+
+
+def test_concurrent_callers_restore_blas_when_the_last_one_ends():
+    """Two threads predicting at once (as the explorer's server may): BLAS comes back to its
+    setting only after both have finished, and each gets the right answer."""
+    model = presets.build("lenet5", seed=0)
+    x = np.random.default_rng(1).random((40, 28, 28, 1), dtype=np.float32)
+    want = model.predict_proba(x)
+    got, errors = {}, []
+    barrier = threading.Barrier(2)
+
+    def predict(i):
+        try:
+            barrier.wait()
+            for _ in range(5):
+                got[i] = model.predict_proba(x)
+        except Exception as err:  # pragma: no cover - reported below
+            errors.append(err)
+
+    with threadpoolctl.threadpool_limits(2, user_api="blas"):
+        before = _blas_threads()
+        workers = [threading.Thread(target=predict, args=(i,)) for i in range(2)]
+        for t in workers:
+            t.start()
+        for t in workers:
+            t.join()
+        assert not errors
+        assert _blas_threads() == before
+    for i in range(2):
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["fashion", "tinyvgg"])
+def test_a_threaded_training_step_twice_gives_bit_identical_weights(arch, split_everything):
+    def one_run():
+        model = presets.build(arch, seed=3)
+        x = np.random.default_rng(0).random((6, *model.input_shape), dtype=np.float32)
+        y = np.arange(6) % 10
+        opt = Sgd(0.05, momentum=0.9)
+        with threadpoolctl.threadpool_limits(2, user_api="blas"):
+            for _ in range(2):
+                model.train_step(x, y, CrossEntropyLoss(), opt)
+        return model.state_dict()
+
+    first, second = one_run(), one_run()
+    for k in first:
+        assert np.array_equal(first[k], second[k]), k
