@@ -250,23 +250,23 @@ def relu_backward(dy, y, dx):
 
 
 @njit(cache=True, nogil=True)
-def channel_mean_var(x):
-    """Per-channel mean and biased variance of x (M, C), two passes, float64 sums (the channels
-    are the contiguous inner loop, so each channel's sum is a vector lane)."""
+def channel_block_sums(x, center, rows, out):
+    """Per block of ``rows`` rows of x (M, C), per channel: Σ x (``center`` None) or
+    Σ (x − center)², float64 sums, into out (blocks, C). Summing fixed blocks, then the blocks
+    in order, gives the same numbers however the blocks are shared among threads."""
     m, c = x.shape
-    s = np.zeros(c)
-    for r in range(m):
-        row = x[r]
-        for k in range(c):
-            s[k] += row[k]
-    mean = s / m
-    q = np.zeros(c)
-    for r in range(m):
-        row = x[r]
-        for k in range(c):
-            d = row[k] - mean[k]
-            q[k] += d * d
-    return mean, q / m
+    for b in range(out.shape[0]):
+        s = np.zeros(c)
+        for r in range(b * rows, min(m, (b + 1) * rows)):
+            row = x[r]
+            if center is None:
+                for k in range(c):
+                    s[k] += row[k]
+            else:
+                for k in range(c):
+                    d = row[k] - center[k]
+                    s[k] += d * d
+        out[b] = s
 
 
 @njit(cache=True, nogil=True)
@@ -282,17 +282,20 @@ def batchnorm_apply(x, mean, inv_std, gamma, beta, xhat, y):
 
 
 @njit(cache=True, nogil=True)
-def batchnorm_grad_sums(dy, xhat):
-    """``Σ dy`` and ``Σ dy·xhat`` per channel of (M, C) arrays, float64 sums."""
+def batchnorm_grad_sums(dy, xhat, rows, sb, sg):
+    """Per block of ``rows`` rows of (M, C) arrays, per channel: ``Σ dy`` into sb and
+    ``Σ dy·xhat`` into sg (blocks, C), float64 sums."""
     m, c = dy.shape
-    sb = np.zeros(c)
-    sg = np.zeros(c)
-    for r in range(m):
-        dr, hr = dy[r], xhat[r]
-        for k in range(c):
-            sb[k] += dr[k]
-            sg[k] += dr[k] * hr[k]
-    return sb, sg
+    for b in range(sb.shape[0]):
+        s1 = np.zeros(c)
+        s2 = np.zeros(c)
+        for r in range(b * rows, min(m, (b + 1) * rows)):
+            dr, hr = dy[r], xhat[r]
+            for k in range(c):
+                s1[k] += dr[k]
+                s2[k] += dr[k] * hr[k]
+        sb[b] = s1
+        sg[b] = s2
 
 
 @njit(cache=True, nogil=True)

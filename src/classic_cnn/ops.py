@@ -643,6 +643,24 @@ def softmax_backward(dy, y):
 # --------------------------------------------------------------------------------------------
 
 
+#: rows per block of batch norm's per-channel sums: each block is summed on its own, then the
+#: blocks in order, so the sums do not depend on how many threads share the blocks
+BLOCK_ROWS = 2048
+
+
+def _block_sums(x2: np.ndarray, center) -> np.ndarray:
+    """Per-channel Σ x (``center`` None) or Σ (x − center)² of x2 (M, C), float64."""
+    blocks = -(-len(x2) // BLOCK_ROWS)
+    out = np.empty((blocks, x2.shape[1]))
+    kern = _k().channel_block_sums
+    _split(
+        blocks,
+        x2.size,
+        lambda s, e: kern(x2[s * BLOCK_ROWS : e * BLOCK_ROWS], center, BLOCK_ROWS, out[s:e]),
+    )
+    return out.sum(axis=0)
+
+
 def batchnorm_forward(
     x: np.ndarray,
     gamma: np.ndarray,
@@ -667,7 +685,8 @@ def batchnorm_forward(
     x2 = np.ascontiguousarray(x).reshape(-1, c)
     if training:
         m = len(x2)
-        mean64, var64 = _k().channel_mean_var(x2)  # float64 sums, whatever x's dtype
+        mean64 = _block_sums(x2, None) / m  # float64 sums, whatever x's dtype
+        var64 = _block_sums(x2, mean64) / m  # two passes: no cancellation
         mean, var = mean64.astype(dt), var64.astype(dt)
         unbiased = var * (m / max(m - 1, 1))
         running_mean *= 1 - momentum
@@ -702,8 +721,22 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
     dt = xhat.dtype
     c = xhat.shape[-1]
     dy2 = np.ascontiguousarray(dy, dtype=dt).reshape(-1, c)
-    sb, sg = _k().batchnorm_grad_sums(dy2, xhat.reshape(-1, c))
-    dbeta, dgamma = sb.astype(dt), sg.astype(dt)
+    xh2 = xhat.reshape(-1, c)
+    blocks = -(-len(dy2) // BLOCK_ROWS)
+    sb, sg = np.empty((blocks, c)), np.empty((blocks, c))
+    kern = _k().batchnorm_grad_sums
+    _split(
+        blocks,
+        dy2.size,
+        lambda s, e: kern(
+            dy2[s * BLOCK_ROWS : e * BLOCK_ROWS],
+            xh2[s * BLOCK_ROWS : e * BLOCK_ROWS],
+            BLOCK_ROWS,
+            sb[s:e],
+            sg[s:e],
+        ),
+    )
+    dbeta, dgamma = sb.sum(axis=0).astype(dt), sg.sum(axis=0).astype(dt)
     scale = (gamma * inv_std).astype(dt, copy=False)
     if training:
         m = len(dy2)
@@ -712,7 +745,7 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
     else:
         shift = slope = np.zeros(c, dtype=dt)
     dx = np.empty(xhat.shape, dtype=dt)
-    xh2, dx2, kern = xhat.reshape(-1, c), dx.reshape(-1, c), _k().batchnorm_dx
+    dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
     _split(len(dy2), dy2.size, lambda s, e: kern(dy2[s:e], xh2[s:e], scale, shift, slope, dx2[s:e]))
     return dx, dgamma, dbeta
 
