@@ -68,7 +68,9 @@ def main() -> None:
     p.add_argument("--no-flip", action="store_true")
     p.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke)")
     p.add_argument("--out", default="runs/campaign")
-    p.add_argument("--threads", type=int, default=None, help="BLAS threads (default: all)")
+    p.add_argument(
+        "--threads", type=int, default=None, help="threads for the engine and BLAS (default: all)"
+    )
     args = p.parse_args()
     if args.threads:
         from threadpoolctl import threadpool_limits

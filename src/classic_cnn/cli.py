@@ -142,7 +142,8 @@ def train(
         int, typer.Option(help="Seeds initialisation, split, shuffling, augmentation, dropout.")
     ] = 0,
     threads: Annotated[
-        int | None, typer.Option(min=1, help="BLAS threads (default: all cores).")
+        int | None,
+        typer.Option(min=1, help="Threads for the engine and BLAS (default: all cores)."),
     ] = None,
     val: Annotated[
         int, typer.Option(min=1, help="Training images held out for validation.")
