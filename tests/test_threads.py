@@ -160,3 +160,29 @@ def test_a_threaded_training_step_twice_gives_bit_identical_weights(arch, split_
     first, second = one_run(), one_run()
     for k in first:
         assert np.array_equal(first[k], second[k]), k
+
+
+def _threaded_conv_in_child():
+    x = np.ones((4, 6, 6, 2), dtype=np.float32)
+    w = np.ones((3, 3, 2, 3), dtype=np.float32)
+    with ops.engine_threads(2):
+        y, _ = ops.conv2d_forward(x, w, None, 1, "valid")
+    raise SystemExit(0 if np.all(y == 18) else 1)
+
+
+def test_a_forked_child_gets_threads_of_its_own(split_everything):
+    """A process forked after the engine's threads started (multiprocessing's default on
+    Linux) has a copy of the pool without its threads: the child must make its own, not wait
+    forever on threads that do not exist."""
+    import multiprocessing
+
+    x = np.ones((4, 6, 6, 2), dtype=np.float32)
+    w = np.ones((3, 3, 2, 3), dtype=np.float32)
+    with ops.engine_threads(2):
+        ops.conv2d_forward(x, w, None, 1, "valid")  # the pool now has a worker thread
+    child = multiprocessing.get_context("fork").Process(target=_threaded_conv_in_child)
+    child.start()
+    child.join(timeout=60)
+    if child.exitcode is None:
+        child.kill()
+    assert child.exitcode == 0

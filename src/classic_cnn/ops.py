@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import os
 import threading
 
 import numpy as np
@@ -104,13 +105,14 @@ _KERNELS = None
 # product, and on two cores one spinning thread halves the speed of any other work (measured:
 # TinyVGG's direct 3×3 convolution on two threads took 9.6 ms alone, 16.7 ms right after a
 # two-thread matrix product). Every split is fixed by the shapes and the thread count, and
-# every sum over a batch is made of per-image or per-piece parts added in order, so results
-# do not depend on the thread count nor on which thread finishes first.
+# every sum over a batch is made of per-image, per-piece or per-block parts added in order:
+# results never depend on which thread finishes first, so a thread count gives the same bits
+# run after run (the direct convolution's and batch norm's sums do not depend on it at all).
 
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
 _ACTIVE = {"count": 0, "restore": []}
-_POOL: list = [None, 0]  # (executor, its worker count)
+_POOL: list = [None, 0, 0]  # executor, its worker count, the process it belongs to
 _BLAS = None
 
 #: below this many numbers touched (or multiply-adds made), an operation runs on one thread:
@@ -172,14 +174,14 @@ def _run(work, parts: int) -> None:
         work(0)
         return
     with _LOCK:
-        pool, size = _POOL
-        if pool is None or size < parts - 1:
+        pool, size, pid = _POOL
+        # a new pool when more workers are needed, or in a forked child (whose copy of the
+        # pool has no threads); a replaced pool's idle threads end when it is collected
+        if pool is None or size < parts - 1 or pid != os.getpid():
             from concurrent.futures import ThreadPoolExecutor
 
-            if pool is not None:
-                pool.shutdown(wait=False)
             pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="classic-cnn")
-            _POOL[:] = [pool, parts - 1]
+            _POOL[:] = [pool, parts - 1, os.getpid()]
     futures = [pool.submit(work, t) for t in range(1, parts)]
     try:
         work(0)
