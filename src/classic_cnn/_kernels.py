@@ -37,14 +37,15 @@ _REDUCE = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(cache=True, nogil=True)
-def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y):
-    """Stride-1 convolution: ``y[n, i, j, k] = b[k] + Σ x_pad[n, i+di, j+dj, c]·w[di, dj, c, k]``.
+def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1):
+    """Stride-1 convolution: ``y[n, i, j, k] = b[k] + Σ x_pad[n, i+di, j+dj, c]·w[di, dj, c, k]``
+    for the kernels ``k0 ≤ k < k1`` (each output's sum is the same whichever range it is in).
 
     x (N, H, W, C), w (KH, KW, C, K), b (K,) (zeros when the layer has no bias), y (N, H', W', K)
     written in place.
     """
     n_img, h, wd, c_in = x.shape
-    kh, kw, _, c_out = w.shape
+    kh, kw = w.shape[0], w.shape[1]
     oh, ow = y.shape[1], y.shape[2]
     hp, wp = h + pt + pb, wd + pl + pr
     span = (oh - 1) * wp + ow
@@ -55,25 +56,25 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y):
                 base = (r + pt) * wp + col + pl
                 for c in range(c_in):
                     xp[c, base] = x[n, r, col, c]
-        acc = np.empty((c_out, span), dtype=x.dtype)
-        for k in range(c_out):
-            acc[k, :] = b[k]
+        acc = np.empty((k1 - k0, span), dtype=x.dtype)
+        for k in range(k0, k1):
+            acc[k - k0, :] = b[k]
         for c in range(c_in):
             src = xp[c]
             for di in range(kh):
                 for dj in range(kw):
                     # slice first: an index from range() alone lets the loop vectorize
                     s = src[di * wp + dj : di * wp + dj + span]
-                    for k in range(c_out):
+                    for k in range(k0, k1):
                         wv = w[di, dj, c, k]
-                        a = acc[k]
+                        a = acc[k - k0]
                         for t in range(span):
                             a[t] += wv * s[t]
         for i in range(oh):
             for j in range(ow):
                 t = i * wp + j
-                for k in range(c_out):
-                    y[n, i, j, k] = acc[k, t]
+                for k in range(k0, k1):
+                    y[n, i, j, k] = acc[k - k0, t]
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
