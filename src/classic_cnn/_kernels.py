@@ -271,39 +271,65 @@ def channel_block_sums(x, center, rows, out):
 
 
 @njit(cache=True, nogil=True)
-def batchnorm_apply(x, mean, inv_std, gamma, beta, xhat, y):
-    """``xhat = (x − mean)·inv_std``, ``y = xhat·gamma + beta`` in one pass over x (M, C)."""
+def batchnorm_apply(x, mean, inv_std, gamma, beta, xhat, y, relu):
+    """``xhat = (x − mean)·inv_std``, ``y = xhat·gamma + beta`` in one pass over x (M, C); with
+    ``relu``, the ReLU that follows in the same pass: ``y = 0`` where ``y < 0`` (a NaN stays
+    NaN, as ``np.maximum`` keeps it)."""
     m, c = x.shape
+    zero = np.zeros(1, dtype=x.dtype)[0]
     for r in range(m):
         xr, hr, yr = x[r], xhat[r], y[r]
-        for k in range(c):
-            h = (xr[k] - mean[k]) * inv_std[k]
-            hr[k] = h
-            yr[k] = h * gamma[k] + beta[k]
+        if relu:
+            for k in range(c):
+                h = (xr[k] - mean[k]) * inv_std[k]
+                hr[k] = h
+                v = h * gamma[k] + beta[k]
+                yr[k] = zero if v < zero else v
+        else:
+            for k in range(c):
+                h = (xr[k] - mean[k]) * inv_std[k]
+                hr[k] = h
+                yr[k] = h * gamma[k] + beta[k]
 
 
 @njit(cache=True, nogil=True)
-def batchnorm_grad_sums(dy, xhat, rows, sb, sg):
+def batchnorm_grad_sums(dy, xhat, gamma, beta, relu, rows, sb, sg):
     """Per block of ``rows`` rows of (M, C) arrays, per channel: ``Σ dy`` into sb and
-    ``Σ dy·xhat`` into sg (blocks, C), float64 sums."""
+    ``Σ dy·xhat`` into sg (blocks, C), float64 sums. With ``relu`` (batch norm fused with the
+    ReLU after it), dy counts only where the forward pass's ``xhat·gamma + beta > 0``: the
+    ReLU's gradient, recomputed with the forward pass's very arithmetic instead of stored."""
     m, c = dy.shape
+    zero = np.zeros(1, dtype=dy.dtype)[0]
     for b in range(sb.shape[0]):
         s1 = np.zeros(c)
         s2 = np.zeros(c)
         for r in range(b * rows, min(m, (b + 1) * rows)):
             dr, hr = dy[r], xhat[r]
-            for k in range(c):
-                s1[k] += dr[k]
-                s2[k] += dr[k] * hr[k]
+            if relu:
+                for k in range(c):
+                    d = dr[k] if hr[k] * gamma[k] + beta[k] > zero else zero
+                    s1[k] += d
+                    s2[k] += d * hr[k]
+            else:
+                for k in range(c):
+                    s1[k] += dr[k]
+                    s2[k] += dr[k] * hr[k]
         sb[b] = s1
         sg[b] = s2
 
 
 @njit(cache=True, nogil=True)
-def batchnorm_dx(dy, xhat, scale, shift, slope, dx):
-    """``dx = scale·dy − shift − xhat·slope`` per channel, one pass over (M, C)."""
+def batchnorm_dx(dy, xhat, gamma, beta, relu, scale, shift, slope, dx):
+    """``dx = scale·dy − shift − xhat·slope`` per channel, one pass over (M, C); with ``relu``,
+    dy masked as in :func:`batchnorm_grad_sums`."""
     m, c = dy.shape
+    zero = np.zeros(1, dtype=dy.dtype)[0]
     for r in range(m):
         dr, hr, out = dy[r], xhat[r], dx[r]
-        for k in range(c):
-            out[k] = scale[k] * dr[k] - shift[k] - hr[k] * slope[k]
+        if relu:
+            for k in range(c):
+                d = dr[k] if hr[k] * gamma[k] + beta[k] > zero else zero
+                out[k] = scale[k] * d - shift[k] - hr[k] * slope[k]
+        else:
+            for k in range(c):
+                out[k] = scale[k] * dr[k] - shift[k] - hr[k] * slope[k]

@@ -501,7 +501,9 @@ class BatchNorm(Layer):
         self.buffers["running_mean"] = np.zeros(c, dtype=dtype)
         self.buffers["running_var"] = np.ones(c, dtype=dtype)
 
-    def forward(self, x, training=False):
+    def forward(self, x, training=False, relu=False):
+        """``relu=True``: also apply the ReLU that follows, in the same pass (``Sequential``
+        does so; :meth:`backward` then takes the gradient through both)."""
         self._check_input(x)
         y, self._cache = ops.batchnorm_forward(
             x,
@@ -512,6 +514,7 @@ class BatchNorm(Layer):
             training,
             self.momentum,
             self.eps,
+            **({"relu": True} if relu else {}),
         )
         return y
 

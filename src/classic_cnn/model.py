@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from . import ops
-from .layers import Dropout, Layer, Softmax, _fmt_shape, layer_from_config
+from .layers import BatchNorm, Dropout, Layer, ReLU, Softmax, _fmt_shape, layer_from_config
 from .losses import CrossEntropyLoss, Loss
 
 
@@ -132,12 +132,29 @@ class Sequential:
             )
         return x.astype(self.dtype, copy=False)
 
+    def _steps(self) -> list[tuple[Layer, bool]]:
+        """The layers as run: ``(layer, fused)``, a batch norm followed by a ReLU as one step
+        (one pass over memory instead of two each way; the same bits, see
+        ``ops.batchnorm_forward``). Layers run on their own (the explorer's activation maps)
+        still show each layer's own output."""
+        steps, i, layers = [], 0, self.layers
+        while i < len(layers):
+            fused = (
+                isinstance(layers[i], BatchNorm)
+                and i + 1 < len(layers)
+                and type(layers[i + 1]) is ReLU
+            )
+            steps.append((layers[i], fused))
+            i += 2 if fused else 1
+        return steps
+
     def forward(self, x, training: bool = False) -> np.ndarray:
         """Logits (N, classes) for a batch x (N, H, W, C)."""
         x = self._as_batch(x)
+        steps = self._run_steps = self._steps()
         with ops.engine_threads():
-            for layer in self.layers:
-                x = layer.forward(x, training)
+            for layer, fused in steps:
+                x = layer.forward(x, training, relu=True) if fused else layer.forward(x, training)
         return x
 
     __call__ = forward
@@ -148,8 +165,9 @@ class Sequential:
         and the first layer then skips computing it)."""
         self.layers[0].input_grad = input_grad
         d = dlogits
+        steps = getattr(self, "_run_steps", None) or self._steps()
         with ops.engine_threads():
-            for layer in reversed(self.layers):
+            for layer, _ in reversed(steps):
                 d = layer.backward(d)
         return d
 

@@ -694,6 +694,7 @@ def batchnorm_forward(
     training: bool,
     momentum: float = 0.1,
     eps: float = 1e-5,
+    relu: bool = False,
 ):
     """Batch normalisation over every axis but the last (channels), PyTorch's conventions.
 
@@ -701,7 +702,10 @@ def batchnorm_forward(
     statistics in place: ``running ← (1 − momentum)·running + momentum·batch`` with the
     *unbiased* batch variance. Inference: normalise with the running statistics.
 
-    Returns ``(y, cache)``; ``y = gamma · (x − mean) / sqrt(var + eps) + beta``.
+    Returns ``(y, cache)``; ``y = gamma · (x − mean) / sqrt(var + eps) + beta``. With
+    ``relu``, the ReLU that follows is applied in the same pass (``Sequential`` fuses the
+    pair): y is then ``max(y, 0)``, and :func:`batchnorm_backward` takes the gradient through
+    both, bit for bit what the two layers give one after the other.
     """
     axes = tuple(range(x.ndim - 1))
     dt = x.dtype
@@ -729,9 +733,11 @@ def batchnorm_forward(
         xhat.reshape(-1, c),
         y.reshape(-1, c),
     )
-    kern = _k().batchnorm_apply
-    _split(len(x2), x2.size, lambda s, e: kern(x2[s:e], mean, inv_std, g, bt, xh2[s:e], y2[s:e]))
-    return y, (xhat, gamma, inv_std, training, axes)
+    kern, relu = _k().batchnorm_apply, bool(relu)
+    _split(
+        len(x2), x2.size, lambda s, e: kern(x2[s:e], mean, inv_std, g, bt, xh2[s:e], y2[s:e], relu)
+    )
+    return y, (xhat, gamma, inv_std, training, axes, (g, bt) if relu else None)
 
 
 def batchnorm_backward(dy: np.ndarray, cache: tuple):
@@ -741,8 +747,10 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
     ``dx = inv_std · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))`` with ``dxhat = dy ·
     gamma``; written per channel as ``dx = scale·dy − shift − xhat·slope`` (one compiled pass).
     """
-    xhat, gamma, inv_std, training, _ = cache
+    xhat, gamma, inv_std, training, _, fused = cache
     dt = xhat.dtype
+    relu = fused is not None
+    g, bt = fused if relu else (gamma, gamma)  # the forward pass's gamma, beta (cast to dt)
     c = xhat.shape[-1]
     dy2 = np.ascontiguousarray(dy, dtype=dt).reshape(-1, c)
     xh2 = xhat.reshape(-1, c)
@@ -755,6 +763,9 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
         lambda s, e: kern(
             dy2[s * BLOCK_ROWS : e * BLOCK_ROWS],
             xh2[s * BLOCK_ROWS : e * BLOCK_ROWS],
+            g,
+            bt,
+            relu,
             BLOCK_ROWS,
             sb[s:e],
             sg[s:e],
@@ -770,7 +781,11 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
         shift = slope = np.zeros(c, dtype=dt)
     dx = np.empty(xhat.shape, dtype=dt)
     dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
-    _split(len(dy2), dy2.size, lambda s, e: kern(dy2[s:e], xh2[s:e], scale, shift, slope, dx2[s:e]))
+    _split(
+        len(dy2),
+        dy2.size,
+        lambda s, e: kern(dy2[s:e], xh2[s:e], g, bt, relu, scale, shift, slope, dx2[s:e]),
+    )
     return dx, dgamma, dbeta
 
 

@@ -1,0 +1,101 @@
+"""Batch norm followed by ReLU runs as one pass in Sequential (ops.batchnorm_forward with
+``relu=True``): the very numbers of the two layers run one by one, forward and backward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from classic_cnn import BatchNorm, Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sequential, ops
+from classic_cnn.losses import CrossEntropyLoss
+
+
+def _net(seed=0):
+    return Sequential(
+        [
+            Conv2D(4, 3, padding="same"),
+            BatchNorm(),
+            ReLU(),
+            MaxPool2D(2),
+            Conv2D(6, 3),
+            BatchNorm(),
+            ReLU(),
+            Flatten(),
+            Dense(8),
+            BatchNorm(),
+            ReLU(),
+            Dense(3),
+        ],
+        (8, 8, 2),
+        seed=seed,
+    )
+
+
+def _one_by_one(model, x, y, training):
+    """Forward and backward through each layer on its own (no fusion), as explain.py does."""
+    loss = CrossEntropyLoss()
+    z = x
+    for layer in model.layers:
+        z = layer.forward(z, training)
+    value = loss.forward(z, y)
+    d = loss.backward()
+    for layer in reversed(model.layers):
+        d = layer.backward(d)
+    return z, value, d, {k: v.copy() for k, v in model.gradients().items()}
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, training, threads):
+    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    calls = []
+    real = ops.batchnorm_forward
+    monkeypatch.setattr(
+        ops, "batchnorm_forward", lambda *a, **k: (calls.append(k.get("relu")), real(*a, **k))[1]
+    )
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=5)
+    a, b = _net(), _net()
+    with ops.engine_threads(threads):
+        want = _one_by_one(a, x, y, training)
+    assert calls == [None] * 3
+    calls.clear()
+    loss = CrossEntropyLoss()
+    z = b.forward(x, training)
+    assert calls == [True] * 3  # every batch norm ran fused with its ReLU
+    value = loss.forward(z, y)
+    d = b.backward(loss.backward())
+    np.testing.assert_array_equal(z, want[0])
+    assert value == want[1]
+    np.testing.assert_array_equal(d, want[2])
+    got = b.gradients()
+    assert got.keys() == want[3].keys()
+    for name, g in want[3].items():
+        np.testing.assert_array_equal(got[name], g, err_msg=name)
+    for la, lb in zip(a.layers, b.layers, strict=True):  # running statistics too
+        for name, buf in la.buffers.items():
+            np.testing.assert_array_equal(lb.buffers[name], buf)
+
+
+def test_fused_relu_keeps_nan_visible():
+    """A NaN out of batch norm stays NaN after the fused ReLU (np.maximum's rule), so a
+    diverging run is still seen as diverging."""
+    x = np.ones((4, 3), dtype=np.float32)
+    x[0, 1] = np.nan
+    g, b = np.ones(3, np.float32), np.zeros(3, np.float32)
+    y, _ = ops.batchnorm_forward(
+        x, g, b, np.zeros(3, np.float32), np.ones(3, np.float32), True, relu=True
+    )
+    assert np.isnan(y[:, 1]).all() and not np.isnan(y[:, [0, 2]]).any()
+    assert (y[:, [0, 2]] == 0).all()  # constant channels normalise to 0, ReLU keeps 0
+
+
+def test_activation_maps_still_show_batch_norm_before_relu():
+    """Fusion lives in Sequential.forward only; a layer run on its own gives its own output
+    (the explorer's activation maps show batch norm's negatives)."""
+    model = _net()
+    x = np.random.default_rng(0).normal(size=(2, 8, 8, 2)).astype(np.float32)
+    z = model.layers[0].forward(x)
+    bn = model.layers[1].forward(z)
+    assert (bn < 0).any()
