@@ -4,6 +4,7 @@ is chosen on the validation split, test accuracy is measured once, and the curve
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,28 @@ def test_campaign_chooses_on_validation_and_keeps_curves(tmp_path):
     summary = result["summary"]
     assert summary["mean_test_accuracy"] == summary["best"] == summary["worst"]
     assert summary["mean_test_accuracy"] == run["test_accuracy"]
+
+
+def test_all_train_uses_every_training_image_and_refuses_a_grid(tmp_path):
+    fashion("test")
+    out = tmp_path / "final"
+    base = [sys.executable, str(SCRIPT), "--preset", "small", "--epochs", "1", "--seeds", "0"]
+    base += ["--batch-size", "64", "--threads", "1", "--out", str(out)]
+    bad = subprocess.run(
+        [*base, "--all-train", "--lr-grid", "0.01", "0.05"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2
+    assert "--lr-grid chooses on the validation split" in bad.stderr
+    assert "Received: --all-train --lr-grid 0.01 0.05" in bad.stderr
+    assert not (out / "results.json").exists()
+    held_out = json.loads(_run([*base, "--limit", "300"], out))["runs"][0]
+    assert held_out["train_images"] == 300 and held_out["val_accuracy"] is not None
+    (run,) = json.loads(_run([*base, "--limit", "300", "--all-train"], out))["runs"]
+    assert run["train_images"] == 300 and run["val_accuracy"] is None
+    assert math.isnan(run["history"][-1]["val_accuracy"])  # fit's mark for "no validation"
+    assert 0.1 < run["test_accuracy"] <= 1.0
+
+
+def _run(cmd, out):
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+    return (out / "results.json").read_text()
