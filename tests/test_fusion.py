@@ -1,5 +1,6 @@
-"""Batch norm followed by ReLU runs as one pass in Sequential (ops.batchnorm_forward with
-``relu=True``): the very numbers of the two layers run one by one, forward and backward."""
+"""A convolution or batch norm followed by ReLU runs as one step in Sequential
+(``relu=True`` in ops.conv2d_forward / ops.batchnorm_forward): the very numbers of the two
+layers run one by one, forward and backward."""
 
 from __future__ import annotations
 
@@ -27,6 +28,26 @@ def _net(seed=0):
             Dense(3),
         ],
         (8, 8, 2),
+        seed=seed,
+    )
+
+
+def _conv_net(seed=0):
+    """Convolutions followed by ReLU on both paths (direct: 3×3×2 patches; im2col: 3×3×20,
+    and stride 2), with and without bias."""
+    return Sequential(
+        [
+            Conv2D(20, 3, padding="same"),
+            ReLU(),
+            Conv2D(6, 3, use_bias=False),
+            ReLU(),
+            MaxPool2D(2),
+            Conv2D(5, 2, stride=2),
+            ReLU(),
+            Flatten(),
+            Dense(3),
+        ],
+        (9, 9, 2),
         seed=seed,
     )
 
@@ -78,6 +99,37 @@ def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, trai
             np.testing.assert_array_equal(lb.buffers[name], buf)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_convolution_relu_gives_the_bits_of_the_two_layers(monkeypatch, threads):
+    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    calls = []
+    real = ops.conv2d_forward
+    monkeypatch.setattr(
+        ops, "conv2d_forward", lambda *a, **k: (calls.append(k.get("relu")), real(*a, **k))[1]
+    )
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3, 9, 9, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=3)
+    a, b = _conv_net(), _conv_net()
+    paths = []
+    with ops.engine_threads(threads):
+        want = _one_by_one(a, x, y, True)
+        paths = [layer._cache[5] for layer in a.layers if isinstance(layer, Conv2D)]
+        assert calls == [None] * 3
+        calls.clear()
+        loss = CrossEntropyLoss()
+        z = b.forward(x, True)
+        assert calls == [True] * 3
+        value = loss.forward(z, y)
+        d = b.backward(loss.backward())
+    assert paths == [None, "im2col", "im2col"]  # direct and im2col paths both fused
+    np.testing.assert_array_equal(z, want[0])
+    assert value == want[1]
+    np.testing.assert_array_equal(d, want[2])
+    for name, g in want[3].items():
+        np.testing.assert_array_equal(b.gradients()[name], g, err_msg=name)
+
+
 def test_fused_relu_keeps_nan_visible():
     """A NaN out of batch norm stays NaN after the fused ReLU (np.maximum's rule), so a
     diverging run is still seen as diverging."""
@@ -89,6 +141,12 @@ def test_fused_relu_keeps_nan_visible():
     )
     assert np.isnan(y[:, 1]).all() and not np.isnan(y[:, [0, 2]]).any()
     assert (y[:, [0, 2]] == 0).all()  # constant channels normalise to 0, ReLU keeps 0
+    for shape in [(1, 4, 4, 2), (1, 4, 4, 30)]:  # direct and im2col paths
+        x = -np.ones(shape, dtype=np.float32)
+        x[0, 1, 1, 0] = np.nan
+        w = np.ones((3, 3, shape[3], 2), dtype=np.float32)
+        y, _ = ops.conv2d_forward(x, w, None, 1, "same", relu=True)
+        assert np.isnan(y[0, :3, :3]).all() and (y[0, 3] == 0).all()
 
 
 def test_activation_maps_still_show_batch_norm_before_relu():

@@ -37,9 +37,10 @@ _REDUCE = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(cache=True, nogil=True)
-def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1):
+def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1, relu):
     """Stride-1 convolution: ``y[n, i, j, k] = b[k] + Σ x_pad[n, i+di, j+dj, c]·w[di, dj, c, k]``
-    for the kernels ``k0 ≤ k < k1`` (each output's sum is the same whichever range it is in).
+    for the kernels ``k0 ≤ k < k1`` (each output's sum is the same whichever range it is in);
+    with ``relu``, the ReLU that follows applied as y is written (a NaN stays NaN).
 
     x (N, H, W, C), w (KH, KW, C, K), b (K,) (zeros when the layer has no bias), y (N, H', W', K)
     written in place.
@@ -49,6 +50,7 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1):
     oh, ow = y.shape[1], y.shape[2]
     hp, wp = h + pt + pb, wd + pl + pr
     span = (oh - 1) * wp + ow
+    zero = np.zeros(1, dtype=x.dtype)[0]
     for n in range(n_img):
         xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
         for r in range(h):
@@ -73,13 +75,19 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1):
         for i in range(oh):
             for j in range(ow):
                 t = i * wp + j
-                for k in range(k0, k1):
-                    y[n, i, j, k] = acc[k - k0, t]
+                if relu:
+                    for k in range(k0, k1):
+                        v = acc[k - k0, t]
+                        y[n, i, j, k] = zero if v < zero else v
+                else:
+                    for k in range(k0, k1):
+                        y[n, i, j, k] = acc[k - k0, t]
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
-def conv2d_s1_backward(x, w, dy, pt, pb, pl, pr, dw_parts, db_parts, dx, input_grad):
-    """Gradients of :func:`conv2d_s1_forward`, per image.
+def conv2d_s1_backward(x, w, dy, y, relu, pt, pb, pl, pr, dw_parts, db_parts, dx, input_grad):
+    """Gradients of :func:`conv2d_s1_forward`, per image; with ``relu`` (forward fused with its
+    ReLU, y its output), dy counts only where ``y > 0``.
 
     dw_parts (N, KH, KW, C, K) and db_parts (N, K) receive each image's share of dw and db
     (summed by the caller in image order); dx (N, H, W, C) is written when ``input_grad``.
@@ -102,8 +110,12 @@ def conv2d_s1_backward(x, w, dy, pt, pb, pl, pr, dw_parts, db_parts, dx, input_g
         for i in range(oh):
             for j in range(ow):
                 t = i * wp + j
-                for k in range(c_out):
-                    g[k, t] = dy[n, i, j, k]
+                if relu:
+                    for k in range(c_out):
+                        g[k, t] = dy[n, i, j, k] if y[n, i, j, k] > zero else zero
+                else:
+                    for k in range(c_out):
+                        g[k, t] = dy[n, i, j, k]
         for k in range(c_out):
             s = zero
             gk = g[k]

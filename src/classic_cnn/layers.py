@@ -241,10 +241,17 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         return oh * ow * self.filters * kh * kw * input_shape[2]
 
-    def forward(self, x, training=False):
+    def forward(self, x, training=False, relu=False):
+        """``relu=True``: also apply the ReLU that follows, in the same pass (``Sequential``
+        does so; :meth:`backward` then takes the gradient through both)."""
         self._check_input(x)
         y, self._cache = ops.conv2d_forward(
-            x, self.params["kernel"], self.params.get("bias"), self.stride, self.padding
+            x,
+            self.params["kernel"],
+            self.params.get("bias"),
+            self.stride,
+            self.padding,
+            **({"relu": True} if relu else {}),
         )
         return y
 

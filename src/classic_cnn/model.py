@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from . import ops
-from .layers import BatchNorm, Dropout, Layer, ReLU, Softmax, _fmt_shape, layer_from_config
+from .layers import BatchNorm, Conv2D, Dropout, Layer, ReLU, Softmax, _fmt_shape, layer_from_config
 from .losses import CrossEntropyLoss, Loss
 
 
@@ -133,14 +133,15 @@ class Sequential:
         return x.astype(self.dtype, copy=False)
 
     def _steps(self) -> list[tuple[Layer, bool]]:
-        """The layers as run: ``(layer, fused)``, a batch norm followed by a ReLU as one step
-        (one pass over memory instead of two each way; the same bits, see
-        ``ops.batchnorm_forward``). Layers run on their own (the explorer's activation maps)
-        still show each layer's own output."""
+        """The layers as run: ``(layer, fused)``, a convolution or batch norm followed by a
+        ReLU as one step (the ReLU applied as the outputs are written, and its gradient in
+        the layer's backward pass: no passes of its own over the activations; the same bits,
+        see ``ops.conv2d_forward``, ``ops.batchnorm_forward``). Layers run on their own (the
+        explorer's activation maps) still show each layer's own output."""
         steps, i, layers = [], 0, self.layers
         while i < len(layers):
             fused = (
-                isinstance(layers[i], BatchNorm)
+                isinstance(layers[i], (Conv2D, BatchNorm))
                 and i + 1 < len(layers)
                 and type(layers[i + 1]) is ReLU
             )

@@ -321,7 +321,12 @@ def _direct(w: np.ndarray, stride: int) -> bool:
 
 
 def conv2d_forward(
-    x: np.ndarray, w: np.ndarray, b: np.ndarray | None, stride: int = 1, padding="valid"
+    x: np.ndarray,
+    w: np.ndarray,
+    b: np.ndarray | None,
+    stride: int = 1,
+    padding="valid",
+    relu: bool = False,
 ) -> tuple[np.ndarray, tuple]:
     """Convolution (cross-correlation, as every CNN library computes it).
 
@@ -337,6 +342,9 @@ def conv2d_forward(
     b : (C_out,) biases, or None
     stride : int
     padding : 'valid', 'same', int, or ((top, bottom), (left, right))
+    relu : also apply the ReLU that follows, in the same pass (``Sequential`` fuses the pair;
+        :func:`conv2d_backward` then takes the gradient through both, bit for bit what the
+        two layers give one after the other)
 
     Returns
     -------
@@ -355,11 +363,14 @@ def conv2d_forward(
         (pt, pb), (pl, pr) = pads
         wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_forward
         size = y.size * kh * kw * cin
+        relu = bool(relu)
         if n >= threads():  # images to the threads
-            _split(n, size, lambda s, e: kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout))
+            _split(
+                n, size, lambda s, e: kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout, relu)
+            )
         else:  # fewer images than threads (one image: latency): kernels to the threads
-            _split(cout, size, lambda s, e: kern(x, wc, bias, pt, pb, pl, pr, y, s, e))
-        return y, (x, w, b is not None, stride, pads, None)
+            _split(cout, size, lambda s, e: kern(x, wc, bias, pt, pb, pl, pr, y, s, e, relu))
+        return y, (x, w, b is not None, stride, pads, None, y if relu else None)
     # im2col × kernels, a few images at a time (see IM2COL_PIECE_BYTES); the pieces are dealt
     # out to the threads in turn, each with its own patch buffer
     patch, per = kh * kw * cin, oh * ow
@@ -378,9 +389,12 @@ def conv2d_forward(
             np.matmul(cols[s:e], wmat, out=y[s:e])
             if b is not None:
                 y[s:e] += b
+            if relu:
+                np.maximum(y[s:e], 0, out=y[s:e])
 
         _split(len(cols), y.size * patch, rows)
-        return y.reshape(n, oh, ow, cout), (x, w, b is not None, stride, pads, "im2col")
+        y = y.reshape(n, oh, ow, cout)
+        return y, (x, w, b is not None, stride, pads, "im2col", y if relu else None)
 
     def work(t):
         cols = _workspace("cols", (step * per, patch), x.dtype)
@@ -392,9 +406,12 @@ def conv2d_forward(
             np.matmul(piece, wmat, out=out)
             if b is not None:
                 out += b
+            if relu:  # while the piece is still in the caches
+                np.maximum(out, 0, out=out)
 
     _run(work, parts)
-    return y.reshape(n, oh, ow, cout), (x, w, b is not None, stride, pads, "im2col")
+    y = y.reshape(n, oh, ow, cout)
+    return y, (x, w, b is not None, stride, pads, "im2col", y if relu else None)
 
 
 def conv2d_backward(
@@ -409,9 +426,10 @@ def conv2d_backward(
     patch, ``dx_pad[n, i*s + di, j*s + dj, :] += w[di, dj] · dy[n, i, j, :]``; overlapping patches
     add up (the adjoint of im2col, "col2im").
     """
-    x, w, has_bias, stride, pads, path = cache
+    x, w, has_bias, stride, pads, path, y = cache
     kh, kw, cin, cout = w.shape
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    relu = y is not None
     n = x.shape[0]
     (pt, pb), (pl, pr) = pads
     if path is None:  # the direct path: per-image sums, added in image order (deterministic)
@@ -422,12 +440,28 @@ def conv2d_backward(
 
         def body(s, e):
             dxs = dx[s:e] if input_grad else dx
-            kern(x[s:e], wc, dy[s:e], pt, pb, pl, pr, dw_parts[s:e], db_parts[s:e], dxs, input_grad)
+            kern(
+                x[s:e],
+                wc,
+                dy[s:e],
+                y[s:e] if relu else dy[:0],
+                relu,
+                pt,
+                pb,
+                pl,
+                pr,
+                dw_parts[s:e],
+                db_parts[s:e],
+                dxs,
+                input_grad,
+            )
 
         _split(n, dy.size * kh * kw * cin * (2 if input_grad else 1), body)
         dw = dw_parts.sum(axis=0)
         db = db_parts.sum(axis=0) if has_bias else None
         return (dx if input_grad else None), dw, db
+    if relu:  # the fused ReLU's gradient first
+        dy = relu_backward(dy, y)
     # piece by piece, as the forward pass: the patches gathered again (cheaper than keeping
     # the whole batch's), each piece's dw kept apart and the parts added in piece order (the
     # same sums whatever the thread count), patch gradients added back into dx
