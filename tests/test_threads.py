@@ -224,3 +224,17 @@ def test_a_forked_child_gets_threads_of_its_own(split_everything):
     if child.exitcode is None:
         child.kill()
     assert child.exitcode == 0
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("n,positions,patch", [(256, 64, 150), (128, 784, 288), (100, 64, 150)])
+def test_im2col_pieces_are_shared_evenly_among_threads(threads, n, positions, patch):
+    """The im2col pieces are as even as possible and come in a multiple of the thread count
+    where they can: each thread gets (nearly) the same share of the batch (not 109 + 38
+    images against 109)."""
+    with ops.engine_threads(threads):
+        step = ops._piece_images(n, positions, patch, np.float32)
+    assert step * positions * patch * 4 <= ops.IM2COL_PIECE_BYTES
+    sizes = [min(step, n - s) for s in range(0, n, step)]
+    shares = [sum(sizes[t::threads]) for t in range(threads)]  # pieces are dealt out in turn
+    assert max(shares) <= 1.1 * n / threads, shares
