@@ -36,8 +36,7 @@ def _conv_all(x, w, b, stride, padding):
         ((5, 9, 8, 2), (3, 3), 1, "same"),  # direct path, split over images
         ((7, 9, 8, 12), (3, 3), 1, "same"),  # im2col path, pieces dealt out to threads
         ((6, 10, 9, 3), (4, 4), 2, "same"),  # im2col, stride 2
-        ((1, 6, 6, 20), (3, 3), 1, "valid"),  # one image: im2col product rows split
-        ((1, 7, 6, 2), (3, 3), 1, "same"),  # one image: direct path split over kernels
+        ((1, 6, 6, 20), (3, 3), 1, "valid"),  # one image: nothing to split
     ],
 )
 def test_threaded_convolution_equals_one_thread_and_reference(
@@ -59,43 +58,6 @@ def test_threaded_convolution_equals_one_thread_and_reference(
             np.testing.assert_array_equal(got, one)
         else:  # pieces may be smaller with more threads: same numbers up to rounding
             np.testing.assert_allclose(got, one, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("threads", [2, 3])
-def test_one_image_is_split_over_kernels_rows_and_columns(
-    rng, split_everything, monkeypatch, threads
-):
-    """Single-image prediction (latency) uses every thread too: the direct convolution splits
-    its kernels, the im2col product its rows, the dense layer its columns; the results are
-    the reference's, and the direct path's are the very bits of one thread."""
-    parts = []
-    real_run = ops._run
-    monkeypatch.setattr(ops, "_run", lambda work, n: (parts.append(n), real_run(work, n))[1])
-    cases = [
-        ((1, 7, 6, 2), (3, 3, 2, 5), 1),  # direct
-        ((1, 9, 8, 12), (3, 3, 12, 5), 1),  # im2col
-        ((1, 9, 8, 3), (4, 4, 3, 5), 2),  # im2col, stride 2
-    ]
-    for shape, wshape, stride in cases:
-        x = rng.normal(size=shape).astype(np.float32)
-        w = rng.normal(size=wshape).astype(np.float32)
-        b = rng.normal(size=wshape[3]).astype(np.float32)
-        one, _ = ops.conv2d_forward(x, w, b, stride, "same")
-        parts.clear()
-        with ops.engine_threads(threads):
-            got, _ = ops.conv2d_forward(x, w, b, stride, "same")
-        assert max(parts) == threads, (shape, parts)
-        assert rel_error(got, ref.conv2d_forward(x, w, b, stride, "same")) < 1e-5
-        if ops._direct(w, stride):
-            np.testing.assert_array_equal(got, one)
-    x = rng.normal(size=(1, 40)).astype(np.float32)
-    w = rng.normal(size=(40, 7)).astype(np.float32)
-    b = rng.normal(size=7).astype(np.float32)
-    parts.clear()
-    with ops.engine_threads(threads):
-        got, _ = ops.dense_forward(x, w, b)
-    assert max(parts) == threads
-    np.testing.assert_allclose(got, x @ w + b, rtol=1e-5, atol=1e-5)
 
 
 def test_threaded_pooling_activation_dense_and_batchnorm_equal_one_thread(rng, split_everything):

@@ -366,12 +366,7 @@ def conv2d_forward(
         wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_forward
         size = y.size * kh * kw * cin
         relu = bool(relu)
-        if n >= threads():  # images to the threads
-            _split(
-                n, size, lambda s, e: kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout, relu)
-            )
-        else:  # fewer images than threads (one image: latency): kernels to the threads
-            _split(cout, size, lambda s, e: kern(x, wc, bias, pt, pb, pl, pr, y, s, e, relu))
+        _split(n, size, lambda s, e: kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout, relu))
         return y, (x, w, b is not None, stride, pads, None, y if relu else None)
     # im2col × kernels, a few images at a time (see IM2COL_PIECE_BYTES); the pieces are dealt
     # out to the threads in turn, each with its own patch buffer
@@ -381,22 +376,6 @@ def conv2d_forward(
     step = _piece_images(n, per, patch, x.dtype)
     starts = range(0, n, step)
     parts = _parts(len(starts), y.size * patch)
-    if parts < threads() and n * per * patch * x.itemsize <= IM2COL_PIECE_BYTES:
-        # fewer pieces than threads (one image: latency): the patches gathered once, the
-        # product's rows split over the threads
-        cols = _workspace("cols", (n * per, patch), x.dtype)
-        _im2col_into(x, kh, kw, stride, pads, oh, ow, cols)
-
-        def rows(s, e):
-            np.matmul(cols[s:e], wmat, out=y[s:e])
-            if b is not None:
-                y[s:e] += b
-            if relu:
-                np.maximum(y[s:e], 0, out=y[s:e])
-
-        _split(len(cols), y.size * patch, rows)
-        y = y.reshape(n, oh, ow, cout)
-        return y, (x, w, b is not None, stride, pads, "im2col", y if relu else None)
 
     def work(t):
         cols = _workspace("cols", (step * per, patch), x.dtype)
@@ -570,15 +549,6 @@ def avgpool2d_backward(dy: np.ndarray, cache: tuple) -> np.ndarray:
 def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[np.ndarray, tuple]:
     """Fully connected layer: ``y = x · w + b`` with x (N, in), w (in, out), b (out,)."""
     y = np.empty((len(x), w.shape[1]), dtype=np.result_type(x, w))
-    if len(x) < threads():  # fewer rows than threads (one image: latency): columns split
-
-        def columns(s, e):
-            y[:, s:e] = x @ w[:, s:e]
-            if b is not None:
-                y[:, s:e] += b[s:e]
-
-        _split(w.shape[1], x.size * w.shape[1], columns)
-        return y, (x, w, b is not None)
 
     def rows(s, e):
         np.matmul(x[s:e], w, out=y[s:e])
