@@ -123,3 +123,24 @@ def test_one_cycle_rises_then_falls_as_pytorch_defines_it():
     assert s(10) == pytest.approx(0.1 + (start - 0.1) * (1 + math.cos(math.pi * 10 / 29)) / 2)
     assert s(60) == pytest.approx(end + (0.1 - end) * (1 + math.cos(math.pi * 31 / 70)) / 2)
     assert s.per_step is True
+
+
+def test_one_cycle_cycles_momentum_against_the_rate_as_pytorch_defines_it():
+    s = cc.OneCycle(0.1, total=100, momentum_range=(0.85, 0.95))  # peak at step 29
+    assert s.momentum(0) == pytest.approx(0.95) and s.momentum(29) == pytest.approx(0.85)
+    assert s.momentum(99) == pytest.approx(0.95) and s.momentum(500) == pytest.approx(0.95)
+    assert s.momentum(10) == pytest.approx(0.85 + 0.1 * (1 + math.cos(math.pi * 10 / 29)) / 2)
+    assert s.momentum(60) == pytest.approx(0.95 - 0.1 * (1 + math.cos(math.pi * 31 / 70)) / 2)
+    # the rate is the same with or without momentum cycling
+    plain = cc.OneCycle(0.1, total=100)
+    assert [s(t) for t in range(100)] == [plain(t) for t in range(100)]
+    assert plain.momentum_range is None
+
+
+@pytest.mark.parametrize(
+    "bad", [(0.95, 0.85), (0.85, 1.0), (-0.1, 0.9), (0.9,), "0.9", (0.85, float("nan"))]
+)
+def test_one_cycle_momentum_range_is_checked(bad):
+    with pytest.raises(ValueError, match="momentum_range") as e:
+        cc.OneCycle(0.1, total=100, momentum_range=bad)
+    assert "Received" in str(e.value)

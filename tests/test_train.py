@@ -240,6 +240,62 @@ def test_a_per_step_schedule_sets_the_rate_every_batch():
     assert state.history[-1]["lr"] == pytest.approx(cc.OneCycle(0.1, total=8)(7))
 
 
+def test_one_cycle_momentum_is_set_every_batch():
+    schedule = cc.OneCycle(0.1, total=8, momentum_range=(0.8, 0.95))
+    seen = []
+
+    class Recording(cc.SGD):
+        def step(self, *args, **kwargs):
+            seen.append((self.lr, self.momentum))
+            return super().step(*args, **kwargs)
+
+    fit(
+        small_model(),
+        bars(64),
+        epochs=2,
+        batch_size=16,
+        optimizer=Recording(0.1, momentum=0.9, nesterov=True),
+        schedule=schedule,
+        console=quiet(),
+    )
+    assert seen == [(schedule(t), schedule.momentum(t)) for t in range(8)]
+
+
+def test_one_cycle_momentum_sets_adams_beta1():
+    schedule = cc.OneCycle(0.01, total=4, momentum_range=(0.85, 0.95))
+    seen = []
+
+    class Recording(cc.Adam):
+        def step(self, *args, **kwargs):
+            seen.append(self.beta1)
+            return super().step(*args, **kwargs)
+
+    fit(
+        small_model(),
+        bars(64),
+        epochs=1,
+        batch_size=16,
+        optimizer=Recording(0.01),
+        schedule=schedule,
+        console=quiet(),
+    )
+    assert seen == [schedule.momentum(t) for t in range(4)]
+
+
+def test_momentum_cycling_needs_an_optimizer_with_momentum():
+    with pytest.raises(ValueError, match="momentum") as e:
+        fit(
+            small_model(),
+            bars(64),
+            epochs=1,
+            batch_size=16,
+            optimizer=cc.SGD(0.1),
+            schedule=cc.OneCycle(0.1, total=4, momentum_range=(0.85, 0.95)),
+            console=quiet(),
+        )
+    assert "Received" in str(e.value)
+
+
 def test_flip_averaging_in_evaluate():
     from classic_cnn.metrics import evaluate
 

@@ -229,8 +229,12 @@ class CosineDecay(Schedule):
 class OneCycle(Schedule):
     """One-cycle learning rate, stepped every batch (``per_step``): a cosine rise from
     ``max_lr / div_factor`` to ``max_lr`` over the first ``pct_start`` of ``total`` steps, then a
-    cosine fall to ``max_lr / final_div_factor`` (PyTorch's OneCycleLR, without momentum
-    cycling)."""
+    cosine fall to ``max_lr / final_div_factor`` (PyTorch's OneCycleLR).
+
+    ``momentum_range=(base, max)`` also cycles the optimizer's momentum (SGD's ``momentum``,
+    Adam's ``beta1``) the other way, as OneCycleLR does by default with (0.85, 0.95): from
+    ``max`` down to ``base`` while the rate rises, back up to ``max`` while it falls. None (the
+    default here) leaves the momentum alone."""
 
     per_step = True
 
@@ -241,6 +245,7 @@ class OneCycle(Schedule):
         pct_start: float = 0.3,
         div_factor: float = 25.0,
         final_div_factor: float = 1e4,
+        momentum_range: tuple[float, float] | None = None,
     ):
         self.max_lr = _check(max_lr, "max_lr", 0.0, low_open=True)
         if not isinstance(total, numbers.Integral) or total < 2:
@@ -249,14 +254,45 @@ class OneCycle(Schedule):
         self.pct_start = _check(pct_start, "pct_start", 0.0, 1.0, low_open=True)
         self.div_factor = _check(div_factor, "div_factor", 1.0)
         self.final_div_factor = _check(final_div_factor, "final_div_factor", 1.0)
+        if momentum_range is not None:
+            ok = (
+                isinstance(momentum_range, (tuple, list))
+                and len(momentum_range) == 2
+                and all(isinstance(m, numbers.Real) for m in momentum_range)
+                and 0.0 <= momentum_range[0] <= momentum_range[1] < 1.0
+            )
+            if not ok:
+                raise ValueError(
+                    "momentum_range must be (base, max) with 0 ≤ base ≤ max < 1, e.g. (0.85, 0.95)."
+                    f" Received: momentum_range={momentum_range!r}"
+                )
+            momentum_range = (float(momentum_range[0]), float(momentum_range[1]))
+        self.momentum_range = momentum_range
+
+    def _phase(self, t):
+        """(phase, progress): 0 while the rate rises, 1 while it falls."""
+        peak = max(round(self.pct_start * self.total) - 1, 1)
+        t = min(t, self.total - 1)
+        if t <= peak:
+            return 0, t / peak
+        return 1, (t - peak) / max(self.total - 1 - peak, 1)
 
     def __call__(self, t):
         start = self.max_lr / self.div_factor
         end = start / self.final_div_factor
-        peak = max(round(self.pct_start * self.total) - 1, 1)
-        t = min(t, self.total - 1)
-        if t <= peak:
-            lo, hi, progress = start, self.max_lr, t / peak
-        else:
-            lo, hi, progress = self.max_lr, end, (t - peak) / max(self.total - 1 - peak, 1)
-        return hi + (lo - hi) * (1 + math.cos(math.pi * progress)) / 2
+        phase, progress = self._phase(t)
+        lo, hi = (start, self.max_lr) if phase == 0 else (self.max_lr, end)
+        return _cosine(lo, hi, progress)
+
+    def momentum(self, t):
+        """The momentum for step ``t``; only with ``momentum_range``."""
+        if self.momentum_range is None:
+            raise ValueError("this OneCycle has no momentum_range: it leaves the momentum alone")
+        base, top = self.momentum_range
+        phase, progress = self._phase(t)
+        return _cosine(top, base, progress) if phase == 0 else _cosine(base, top, progress)
+
+
+def _cosine(lo, hi, progress):
+    """From ``lo`` at progress 0 to ``hi`` at progress 1 along half a cosine."""
+    return hi + (lo - hi) * (1 + math.cos(math.pi * progress)) / 2

@@ -195,6 +195,18 @@ def fit(
     steps_per_epoch = math.ceil(n / batch_size)
     checkpoint = Path(checkpoint) if checkpoint else None
     per_step = getattr(schedule, "per_step", False)
+    momentum_attr = None
+    if getattr(schedule, "momentum_range", None) is not None:
+        if getattr(opt, "momentum", 0):
+            momentum_attr = "momentum"
+        elif hasattr(opt, "beta1"):
+            momentum_attr = "beta1"
+        else:
+            config = ", ".join(f"{k}={v!r}" for k, v in opt.get_config().items())
+            raise ValueError(
+                "the schedule cycles the momentum (momentum_range), which needs SGD with "
+                f"momentum > 0 or Adam. Received: {type(opt).__name__}({config})"
+            )
     signals = _SignalCatcher()
     _print_header(console, progress)
     with signals:
@@ -224,6 +236,8 @@ def fit(
                 for xb, yb in batches:
                     if per_step:
                         opt.lr = float(schedule(state.step))
+                        if momentum_attr:
+                            setattr(opt, momentum_attr, float(schedule.momentum(state.step)))
                     logits = model.forward(xb, training=True)
                     value = loss.forward(logits, yb)
                     if not math.isfinite(value):
