@@ -1,4 +1,5 @@
-"""He and Glorot initialisation draw from the stated distributions, from an explicit seed."""
+"""He, Glorot and fan-in uniform initialisation draw from the stated distributions, from an
+explicit seed."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from classic_cnn.init import fans, initialize
         ("he_uniform", lambda fi, fo: 2 / fi),
         ("glorot_normal", lambda fi, fo: 2 / (fi + fo)),
         ("glorot_uniform", lambda fi, fo: 2 / (fi + fo)),
+        ("fan_in_uniform", lambda fi, fo: 1 / (3 * fi)),  # U(±1/√fan_in)
     ],
 )
 def test_variance_and_shape(name, var):

@@ -120,6 +120,27 @@ def test_presets(name, input_shape, params):
         assert model.summary_rows()[0]["output_shape"] == (28, 28, 6)
 
 
+def test_a_preset_with_another_kernel_initializer():
+    plain = presets.build("fashion", seed=3)
+    other = presets.build("fashion", seed=3, kernel_initializer="fan_in_uniform")
+    weighted = [layer for layer in other.layers if "kernel" in layer.params]
+    assert len(weighted) == 6  # four convolutions, two dense layers
+    assert all(layer.kernel_initializer == "fan_in_uniform" for layer in weighted)
+    assert all(
+        layer.kernel_initializer == "he_normal"
+        for layer in plain.layers
+        if layer.params.get("kernel") is not None
+    )
+    for layer in weighted:
+        w = layer.params["kernel"]
+        fan_in = int(np.prod(w.shape[:-1]))
+        assert np.abs(w).max() <= 1 / np.sqrt(fan_in) + 1e-7
+        assert w.std() == pytest.approx(1 / np.sqrt(3 * fan_in), rel=0.1)
+    with pytest.raises(ValueError, match="kernel_initializer must be one of") as e:
+        presets.build("fashion", kernel_initializer="torch")
+    assert "Received: kernel_initializer='torch'" in str(e.value)
+
+
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="small, lenet5, tinyvgg, article"):
         presets.build("resnet")

@@ -5,6 +5,10 @@ dense layer); ``fan_out`` the number of outputs one input feeds (KH·KW·C_out, 
 
 - He (Kaiming), for ReLU networks: variance ``2 / fan_in``.
 - Glorot (Xavier), for tanh / sigmoid networks: variance ``2 / (fan_in + fan_out)``.
+- Fan-in uniform: U(−1/√fan_in, 1/√fan_in), variance ``1 / (3·fan_in)``: PyTorch's default
+  for ``nn.Conv2d`` and ``nn.Linear`` kernels; its standard deviation is 1/√6 of He's. In
+  front of batch norm, whose output does not depend on the kernel's scale, smaller kernels take
+  relatively larger steps for the same learning rate.
 
 The normal variants draw from N(0, std²); the uniform ones from U(−limit, limit) with
 ``limit = sqrt(3)·std``, which has the same variance.
@@ -14,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-INITIALIZERS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform")
+INITIALIZERS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "fan_in_uniform")
 
 
 def fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -28,6 +32,9 @@ def initialize(name: str, shape: tuple[int, ...], rng: np.random.Generator, dtyp
     if name not in INITIALIZERS:
         raise ValueError(f"initializer must be one of {INITIALIZERS}. Received: {name!r}")
     fan_in, fan_out = fans(shape)
+    if name == "fan_in_uniform":
+        limit = 1.0 / np.sqrt(fan_in)
+        return rng.uniform(-limit, limit, size=shape).astype(dtype)
     var = 2.0 / fan_in if name.startswith("he") else 2.0 / (fan_in + fan_out)
     std = np.sqrt(var)
     if name.endswith("normal"):

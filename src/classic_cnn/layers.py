@@ -148,7 +148,8 @@ class Conv2D(Layer):
     padding : 'valid' (no padding), 'same' (Keras's: output ceil(H / stride), the odd extra
         row/column at the bottom/right) or an int ≥ 0 of zeros on every side
     use_bias : add one bias per kernel
-    kernel_initializer : 'he_normal', 'he_uniform', 'glorot_normal' or 'glorot_uniform'
+    kernel_initializer : 'he_normal', 'he_uniform', 'glorot_normal', 'glorot_uniform' or
+        'fan_in_uniform'
 
     Input (N, H, W, C_in) → output (N, H', W', filters) with
     ``H' = 1 + (H + pad_top + pad_bottom − KH) // stride``. Params: ``kernel`` (KH, KW, C_in,

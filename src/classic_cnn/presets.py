@@ -22,6 +22,7 @@ import json
 import re
 from pathlib import Path
 
+from .init import INITIALIZERS
 from .layers import (
     BatchNorm,
     Conv2D,
@@ -143,13 +144,27 @@ class ArchitectureError(ValueError):
     """An architecture file that cannot be built; the message names the file, line and layer."""
 
 
-def build(arch: str, classes: int = 10, input_shape=None, seed: int | None = 0) -> Sequential:
+def build(
+    arch: str,
+    classes: int = 10,
+    input_shape=None,
+    seed: int | None = 0,
+    kernel_initializer: str | None = None,
+) -> Sequential:
     """A model from a preset name or an architecture file path.
 
-    ``input_shape`` overrides the preset's or file's (e.g. TinyVGG on 28×28×1 data).
+    ``input_shape`` overrides the preset's or file's (e.g. TinyVGG on 28×28×1 data);
+    ``kernel_initializer`` (one of ``init.INITIALIZERS``) the initialisation of a preset's
+    convolution and dense kernels.
     """
+    if kernel_initializer is not None and kernel_initializer not in INITIALIZERS:
+        raise ValueError(
+            f"kernel_initializer must be one of {INITIALIZERS}. "
+            f"Received: kernel_initializer={kernel_initializer!r}"
+        )
     if arch in PRESETS:
         layers, shape = PRESETS[arch](classes)
+        _set_initializer(layers, kernel_initializer)
         return Sequential(layers, input_shape or shape, seed=seed, name=arch)
     path = Path(arch)
     if path.suffix.lower() not in (".json", ".toml") or not path.exists():
@@ -158,6 +173,7 @@ def build(arch: str, classes: int = 10, input_shape=None, seed: int | None = 0) 
             f"existing .json or .toml file. Received: {arch!r}"
         )
     layers, shape = read_architecture(path)
+    _set_initializer(layers, kernel_initializer)
     shape = input_shape or shape
     if shape is None:
         raise ArchitectureError(f"{path}: no input_shape given (e.g. input_shape = [28, 28, 1])")
@@ -165,6 +181,13 @@ def build(arch: str, classes: int = 10, input_shape=None, seed: int | None = 0) 
         return Sequential(layers, shape, seed=seed, name=path.stem)
     except ValueError as exc:
         raise ArchitectureError(f"{path}: {exc}") from None
+
+
+def _set_initializer(layers: list[Layer], name: str | None) -> None:
+    if name is not None:
+        for layer in layers:
+            if hasattr(layer, "kernel_initializer"):
+                layer.kernel_initializer = name
 
 
 def read_architecture(path: Path) -> tuple[list[Layer], tuple | None]:
