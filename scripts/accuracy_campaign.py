@@ -6,11 +6,12 @@ choose on the validation split only, and measure the test split once per finishe
 
 Each run: 5,000 training images held out for validation (stratified, seed-chosen), augmentation
 (random shifts of up to 2 pixels with padding, horizontal flips), SGD with Nesterov momentum 0.9
-and weight decay, a one-cycle learning rate stepped every batch. With ``--lr-grid`` the learning
-rate is chosen per seed by validation accuracy after a short run of ``--grid-epochs``, before
-the full run. With ``--all-train`` (once the recipe has been chosen on the validation split)
-the runs train on all 60,000 training images and no validation accuracy is reported. Test
-accuracy is reported plain and with test-time flip averaging, separately.
+(or cycled against the rate with ``--cycle-momentum``) and weight decay, a one-cycle learning
+rate stepped every batch, kernels initialised as the preset says (or with ``--init``). With
+``--lr-grid`` the learning rate is chosen per seed by validation accuracy after a short run of
+``--grid-epochs``, before the full run. With ``--all-train`` (once the recipe has been chosen on
+the validation split) the runs train on all 60,000 training images and no validation accuracy is
+reported. Test accuracy is reported plain and with test-time flip averaging, separately.
 Results go to ``--out/results.json`` (with each run's per-epoch curves) and a table on stdout
 with the mean, best and worst seed and the wall time of each run.
 """
@@ -29,11 +30,12 @@ from rich.console import Console
 from classic_cnn import SGD, OneCycle, evaluate, fit, presets
 from classic_cnn.data import load_dataset
 from classic_cnn.data.batches import Augment
+from classic_cnn.init import INITIALIZERS
 from classic_cnn.losses import CrossEntropyLoss, MSELoss
 
 
 def run_one(args, seed, lr, epochs, train, val, console):
-    model = presets.build(args.preset, seed=seed)
+    model = presets.build(args.preset, seed=seed, kernel_initializer=args.init)
     steps = epochs * -(-len(train) // args.batch_size)
     loss = MSELoss() if args.loss == "mse" else CrossEntropyLoss(label_smoothing=args.smoothing)
     start = time.perf_counter()
@@ -45,7 +47,7 @@ def run_one(args, seed, lr, epochs, train, val, console):
         batch_size=args.batch_size,
         optimizer=SGD(lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay),
         loss=loss,
-        schedule=OneCycle(lr, total=steps),
+        schedule=OneCycle(lr, total=steps, momentum_range=args.cycle_momentum),
         seed=seed,
         augment=Augment(shift=args.shift, flip=not args.no_flip),
         restore_best=False,
@@ -68,6 +70,21 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--shift", type=int, default=2)
     p.add_argument("--no-flip", action="store_true")
+    p.add_argument(
+        "--init",
+        default=None,
+        choices=INITIALIZERS,
+        help="initialise the preset's convolution and dense kernels so (default: the preset's)",
+    )
+    p.add_argument(
+        "--cycle-momentum",
+        type=float,
+        nargs=2,
+        metavar=("BASE", "MAX"),
+        default=None,
+        help="cycle the momentum from MAX to BASE and back against the one-cycle rate "
+        "(e.g. 0.85 0.95; default: a constant 0.9)",
+    )
     p.add_argument("--limit", type=int, default=None, help="train on the first N images (smoke)")
     p.add_argument(
         "--all-train",
