@@ -49,12 +49,14 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
     return out
 
 
-#: images per forward pass when predicting or evaluating. Small pieces keep each layer's
-#: working set (im2col patches, feature maps) near the CPU caches and out of fresh pages:
-#: measured with 1,000 images through predict_proba on 2 cores, pieces of 64 against one
-#: piece of 1,000 ran the fashion preset 1.9x faster (1,258 against 677 img/s), TinyVGG 1.3x,
-#: LeNet-5 no slower; the fashion preset's 1,000-image piece also needed ~1 GB of patches.
-INFERENCE_BATCH = 64
+#: images per forward pass when predicting or evaluating. Pieces keep each layer's working set
+#: (im2col patches, feature maps) near the CPU caches and out of fresh pages, while large enough
+#: that each layer's per-call costs are spread over many images. Measured with
+#: ``benchmarks/tune_inference_batch.py`` (1,000 images through predict_proba, 2 threads, medians
+#: of 5), pieces of 256 against 64: LeNet-5 1.43×, the article's network 1.20×, the fashion
+#: preset 1.07×, TinyVGG 0.97× (within its spread); one piece of 1,000 ran the fashion preset
+#: at 0.41× and TinyVGG at 0.61×.
+INFERENCE_BATCH = 256
 
 
 class Sequential:
