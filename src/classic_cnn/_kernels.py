@@ -192,6 +192,79 @@ def maxpool2d_backward(dy, arg, pw, stride, dx):
 
 
 @njit(cache=True, nogil=True)
+def maxpool2x2_forward(x, stride, y, arg):
+    """:func:`maxpool2d_forward` for 2×2 windows (any stride), the same numbers and winners.
+
+    The four taps of a window are four rows of C channels; the channel loop then runs over
+    contiguous memory with the maxima in registers, and vectorizes. Measured against the loop
+    above (1 thread, float32): LeNet's first pooling (batch 64, 28×28×6) 0.43 → 0.15 ms, the
+    fashion preset's first (batch 128, 28×28×32) 7.2 → 0.6 ms. (Any window size written this
+    way, its running maxima in arrays instead of registers, lost at 6 channels: 0.45 ms.)
+    """
+    n_img, _, _, ch = x.shape
+    oh, ow = y.shape[1], y.shape[2]
+    for n in range(n_img):
+        for i in range(oh):
+            r0 = i * stride
+            for j in range(ow):
+                c0 = j * stride
+                p00, p01 = x[n, r0, c0], x[n, r0, c0 + 1]
+                p10, p11 = x[n, r0 + 1, c0], x[n, r0 + 1, c0 + 1]
+                yy, aa = y[n, i, j], arg[n, i, j]
+                for c in range(ch):
+                    best = p00[c]
+                    a = 0
+                    v = p01[c]
+                    if v > best:
+                        best = v
+                        a = 1
+                    v = p10[c]
+                    if v > best:
+                        best = v
+                        a = 2
+                    v = p11[c]
+                    if v > best:
+                        best = v
+                        a = 3
+                    yy[c] = best
+                    aa[c] = a
+
+
+@njit(cache=True, nogil=True)
+def maxpool2x2s2_backward(dy, arg, dx):
+    """:func:`maxpool2d_backward` for 2×2 windows at stride 2, which do not overlap: every
+    element of dx is written once, its window's gradient or 0 (no zeroed dx needed, no
+    scatter). dx rows and columns past the last window are zeroed.
+
+    Measured against zeroing and scattering (1 thread, float32): LeNet's first pooling
+    0.24 → 0.14 ms, the fashion preset's first 3.0 → 1.0 ms.
+    """
+    n_img, oh, ow, ch = dy.shape
+    h, w = dx.shape[1], dx.shape[2]
+    zero = np.zeros(1, dtype=dx.dtype)[0]
+    for n in range(n_img):
+        for i in range(oh):
+            for di in range(2):
+                r = 2 * i + di
+                k0 = 2 * di
+                for j in range(ow):
+                    g, aa = dy[n, i, j], arg[n, i, j]
+                    d0, d1 = dx[n, r, 2 * j], dx[n, r, 2 * j + 1]
+                    for c in range(ch):
+                        v = g[c]
+                        a = aa[c]
+                        d0[c] = v if a == k0 else zero
+                        d1[c] = v if a == k0 + 1 else zero
+                for col in range(2 * ow, w):
+                    for c in range(ch):
+                        dx[n, r, col, c] = zero
+        for r in range(2 * oh, h):
+            for col in range(w):
+                for c in range(ch):
+                    dx[n, r, col, c] = zero
+
+
+@njit(cache=True, nogil=True)
 def im2col(x, kh, kw, stride, pt, pl, oh, ow, cols):
     """Patches of x (N, H, W, C), zero-padded by ``pt`` rows on top and ``pl`` columns on the
     left (and as many at the bottom and right as the output size needs), as the rows of cols

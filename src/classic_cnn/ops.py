@@ -498,8 +498,14 @@ def maxpool2d_forward(
     oh, ow = output_size(h, ph, stride), output_size(w, pw, stride)
     y = np.empty((n, oh, ow, c), dtype=x.dtype)
     arg = np.empty((n, oh, ow, c), dtype=np.uint8 if ph * pw <= 256 else np.int32)
-    x, kern = np.ascontiguousarray(x), _k().maxpool2d_forward
-    _split(n, y.size * ph * pw, lambda s, e: kern(x[s:e], ph, pw, stride, y[s:e], arg[s:e]))
+    x = np.ascontiguousarray(x)
+    if (ph, pw) == (2, 2):  # the common window has its own loop (see _kernels)
+        kern2 = _k().maxpool2x2_forward
+        body = lambda s, e: kern2(x[s:e], stride, y[s:e], arg[s:e])  # noqa: E731
+    else:
+        kern = _k().maxpool2d_forward
+        body = lambda s, e: kern(x[s:e], ph, pw, stride, y[s:e], arg[s:e])  # noqa: E731
+    _split(n, y.size * ph * pw, body)
     return y, (x.shape, arg, pool_size, stride)
 
 
@@ -509,9 +515,15 @@ def maxpool2d_backward(dy: np.ndarray, cache: tuple) -> np.ndarray:
     The winner is the element equal to the window's maximum; on a tie, the first such element
     in row-major order inside the window (as ``np.argmax`` picks it) takes the whole gradient.
     """
-    x_shape, arg, (_, pw), stride = cache
+    x_shape, arg, (ph, pw), stride = cache
+    dy = np.ascontiguousarray(dy)
+    if (ph, pw, stride) == (2, 2, 2):  # windows that tile the input: each dx written once
+        dx = np.empty(x_shape, dtype=dy.dtype)
+        kern2 = _k().maxpool2x2s2_backward
+        _split(len(dy), dx.size, lambda s, e: kern2(dy[s:e], arg[s:e], dx[s:e]))
+        return dx
     dx = np.zeros(x_shape, dtype=dy.dtype)
-    dy, kern = np.ascontiguousarray(dy), _k().maxpool2d_backward
+    kern = _k().maxpool2d_backward
     _split(len(dy), dx.size, lambda s, e: kern(dy[s:e], arg[s:e], pw, stride, dx[s:e]))
     return dx
 
