@@ -29,6 +29,7 @@ CONV_CASES = [
     ((2, 9, 9, 8), (5, 5), 3, 1, "same"),  # stride 1 with 200 per patch: im2col
     ((2, 11, 9, 10), (3, 3), 10, 1, "valid"),  # TinyVGG's second conv: direct
     ((1, 1, 1, 2), (1, 1), 2, 1, "valid"),  # a single pixel
+    ((2, 6, 7, 3), (2, 3), 7, 1, "same"),  # direct: 6 taps (4 + 2), 7 kernels (pairs + 1)
 ]
 
 

@@ -37,6 +37,28 @@ _REDUCE = {"reassoc", "contract", "nsz", "arcp"}
 
 
 @njit(cache=True, nogil=True)
+def _tap_offsets(kh, kw, wp):
+    """Where each kernel offset ``(di, dj)``, in row-major order, starts in a wide row."""
+    offs = np.empty(kh * kw, dtype=np.int64)
+    for di in range(kh):
+        for dj in range(kw):
+            offs[di * kw + dj] = di * wp + dj
+    return offs
+
+
+@njit(cache=True, nogil=True)
+def _pad_wide(x, n, pt, pl, wp, xp):
+    """Image n of x (H, W, C) into xp (C, Hp·Wp), channels first, inside its zero border (the
+    border of xp is never written, so it stays as the caller zeroed it)."""
+    h, wd, c_in = x.shape[1], x.shape[2], x.shape[3]
+    for r in range(h):
+        for col in range(wd):
+            base = (r + pt) * wp + col + pl
+            for c in range(c_in):
+                xp[c, base] = x[n, r, col, c]
+
+
+@njit(cache=True, nogil=True)
 def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1, relu):
     """Stride-1 convolution: ``y[n, i, j, k] = b[k] + Σ x_pad[n, i+di, j+dj, c]·w[di, dj, c, k]``
     for the kernels ``k0 ≤ k < k1`` (each output's sum is the same whichever range it is in);
@@ -44,6 +66,15 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1, relu):
 
     x (N, H, W, C), w (KH, KW, C, K), b (K,) (zeros when the layer has no bias), y (N, H', W', K)
     written in place.
+
+    Blocking: each pass over the accumulators adds four kernel offsets ("taps") of two kernels
+    at once, so that a number read from the wide row serves two kernels and an accumulator is
+    loaded and stored once per four taps instead of once per tap. The outputs are then written
+    row by row, one kernel at a time (a row of y stays in the L1 cache while the kernels'
+    accumulators are read in order). Measured against one tap and one kernel per pass with
+    outputs written position by position (1 thread, interleaved medians, batch 64): LeNet-5's
+    first convolution 1.8× faster, the article's 1.8×, TinyVGG's first and second 1.7× and
+    1.8×, the fashion preset's first (batch 128, 32 kernels) 1.4×.
     """
     n_img, h, wd, c_in = x.shape
     kh, kw = w.shape[0], w.shape[1]
@@ -51,37 +82,61 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1, relu):
     hp, wp = h + pt + pb, wd + pl + pr
     span = (oh - 1) * wp + ow
     zero = np.zeros(1, dtype=x.dtype)[0]
+    nt = kh * kw
+    offs = _tap_offsets(kh, kw, wp)
+    wt = w.reshape(nt, c_in, w.shape[3])
+    xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
+    acc = np.empty((k1 - k0, span), dtype=x.dtype)
     for n in range(n_img):
-        xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
-        for r in range(h):
-            for col in range(wd):
-                base = (r + pt) * wp + col + pl
-                for c in range(c_in):
-                    xp[c, base] = x[n, r, col, c]
-        acc = np.empty((k1 - k0, span), dtype=x.dtype)
+        _pad_wide(x, n, pt, pl, wp, xp)
         for k in range(k0, k1):
             acc[k - k0, :] = b[k]
         for c in range(c_in):
             src = xp[c]
-            for di in range(kh):
-                for dj in range(kw):
-                    # slice first: an index from range() alone lets the loop vectorize
-                    s = src[di * wp + dj : di * wp + dj + span]
-                    for k in range(k0, k1):
-                        wv = w[di, dj, c, k]
-                        a = acc[k - k0]
-                        for t in range(span):
-                            a[t] += wv * s[t]
+            q = 0
+            while q + 4 <= nt:
+                s0, s1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
+                s2, s3 = (
+                    src[offs[q + 2] : offs[q + 2] + span],
+                    src[offs[q + 3] : offs[q + 3] + span],
+                )
+                k = k0
+                while k + 2 <= k1:
+                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                    v0, v1 = wt[q, c, k + 1], wt[q + 1, c, k + 1]
+                    v2, v3 = wt[q + 2, c, k + 1], wt[q + 3, c, k + 1]
+                    a, a2 = acc[k - k0], acc[k + 1 - k0]
+                    for t in range(span):
+                        p0, p1, p2, p3 = s0[t], s1[t], s2[t], s3[t]
+                        a[t] += w0 * p0 + w1 * p1 + w2 * p2 + w3 * p3
+                        a2[t] += v0 * p0 + v1 * p1 + v2 * p2 + v3 * p3
+                    k += 2
+                if k < k1:
+                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                    a = acc[k - k0]
+                    for t in range(span):
+                        a[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t]
+                q += 4
+            while q < nt:  # the last taps, one at a time
+                # slice first: an index from range() alone lets the loop vectorize
+                s = src[offs[q] : offs[q] + span]
+                for k in range(k0, k1):
+                    wv = wt[q, c, k]
+                    a = acc[k - k0]
+                    for t in range(span):
+                        a[t] += wv * s[t]
+                q += 1
         for i in range(oh):
-            for j in range(ow):
-                t = i * wp + j
+            yr = y[n, i]
+            for k in range(k0, k1):
+                a = acc[k - k0, i * wp : i * wp + ow]
                 if relu:
-                    for k in range(k0, k1):
-                        v = acc[k - k0, t]
-                        y[n, i, j, k] = zero if v < zero else v
+                    for j in range(ow):
+                        v = a[j]
+                        yr[j, k] = zero if v < zero else v
                 else:
-                    for k in range(k0, k1):
-                        y[n, i, j, k] = acc[k - k0, t]
+                    for j in range(ow):
+                        yr[j, k] = a[j]
 
 
 @njit(cache=True, nogil=True, fastmath=_REDUCE)
@@ -91,6 +146,14 @@ def conv2d_s1_backward(x, w, dy, y, relu, pt, pb, pl, pr, dw_parts, db_parts, dx
 
     dw_parts (N, KH, KW, C, K) and db_parts (N, K) receive each image's share of dw and db
     (summed by the caller in image order); dx (N, H, W, C) is written when ``input_grad``.
+
+    Blocking as in the forward pass: a kernel weight's gradient is a sum over positions of
+    input × output gradient, and one pass computes eight of them (four taps × two kernels)
+    from four input rows and two gradient rows; dx adds four kernels' contributions per pass.
+    The output gradient is laid out kernel by kernel, one output row at a time. Per image,
+    the eight-sum pass measured 1.7× faster than one sum per pass on the fashion preset's first
+    layer; the whole backward pass is dominated by reading dy and y (memory), so its gain is
+    smaller (see the benchmark).
     """
     n_img, h, wd, c_in = x.shape
     kh, kw, _, c_out = w.shape
@@ -98,53 +161,114 @@ def conv2d_s1_backward(x, w, dy, y, relu, pt, pb, pl, pr, dw_parts, db_parts, dx
     hp, wp = h + pt + pb, wd + pl + pr
     span = (oh - 1) * wp + ow
     zero = np.zeros(1, dtype=x.dtype)[0]  # a 0 of x's dtype: float32 sums stay float32
+    nt = kh * kw
+    offs = _tap_offsets(kh, kw, wp)
+    wt = w.reshape(nt, c_in, c_out)
+    xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
+    # dy of one image in the same wide layout; the thrown-away columns hold zeros
+    g = np.zeros((c_out, span), dtype=x.dtype)
+    dxp = np.empty((c_in, hp * wp), dtype=x.dtype)
     for n in range(n_img):
-        xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
-        for r in range(h):
-            for col in range(wd):
-                base = (r + pt) * wp + col + pl
-                for c in range(c_in):
-                    xp[c, base] = x[n, r, col, c]
-        # dy of this image in the same wide layout; the thrown-away columns hold zeros
-        g = np.zeros((c_out, span), dtype=x.dtype)
+        _pad_wide(x, n, pt, pl, wp, xp)
         for i in range(oh):
-            for j in range(ow):
-                t = i * wp + j
+            dyr, yr = dy[n, i], y[n, i] if relu else dy[n, i]
+            for k in range(c_out):
+                gk = g[k, i * wp : i * wp + ow]
                 if relu:
-                    for k in range(c_out):
-                        g[k, t] = dy[n, i, j, k] if y[n, i, j, k] > zero else zero
+                    for j in range(ow):
+                        gk[j] = dyr[j, k] if yr[j, k] > zero else zero
                 else:
-                    for k in range(c_out):
-                        g[k, t] = dy[n, i, j, k]
+                    for j in range(ow):
+                        gk[j] = dyr[j, k]
         for k in range(c_out):
             s = zero
             gk = g[k]
             for t in range(span):
                 s += gk[t]
             db_parts[n, k] = s
+        dwn = dw_parts[n].reshape(nt, c_in, c_out)
         for c in range(c_in):
             src = xp[c]
-            for di in range(kh):
-                for dj in range(kw):
-                    xs = src[di * wp + dj : di * wp + dj + span]
-                    for k in range(c_out):
-                        gk = g[k]
-                        s = zero
-                        for t in range(span):
-                            s += xs[t] * gk[t]
-                        dw_parts[n, di, dj, c, k] = s
+            q = 0
+            while q + 4 <= nt:
+                x0, x1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
+                x2, x3 = (
+                    src[offs[q + 2] : offs[q + 2] + span],
+                    src[offs[q + 3] : offs[q + 3] + span],
+                )
+                k = 0
+                while k + 2 <= c_out:
+                    g0, g1 = g[k], g[k + 1]
+                    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = zero
+                    for t in range(span):
+                        u, v = g0[t], g1[t]
+                        p0, p1, p2, p3 = x0[t], x1[t], x2[t], x3[t]
+                        a0 += p0 * u
+                        a1 += p1 * u
+                        a2 += p2 * u
+                        a3 += p3 * u
+                        b0 += p0 * v
+                        b1 += p1 * v
+                        b2 += p2 * v
+                        b3 += p3 * v
+                    dwn[q, c, k], dwn[q + 1, c, k], dwn[q + 2, c, k], dwn[q + 3, c, k] = (
+                        a0,
+                        a1,
+                        a2,
+                        a3,
+                    )
+                    dwn[q, c, k + 1], dwn[q + 1, c, k + 1] = b0, b1
+                    dwn[q + 2, c, k + 1], dwn[q + 3, c, k + 1] = b2, b3
+                    k += 2
+                if k < c_out:
+                    g0 = g[k]
+                    a0 = a1 = a2 = a3 = zero
+                    for t in range(span):
+                        u = g0[t]
+                        a0 += x0[t] * u
+                        a1 += x1[t] * u
+                        a2 += x2[t] * u
+                        a3 += x3[t] * u
+                    dwn[q, c, k], dwn[q + 1, c, k], dwn[q + 2, c, k], dwn[q + 3, c, k] = (
+                        a0,
+                        a1,
+                        a2,
+                        a3,
+                    )
+                q += 4
+            while q < nt:
+                xs = src[offs[q] : offs[q] + span]
+                for k in range(c_out):
+                    gk = g[k]
+                    s = zero
+                    for t in range(span):
+                        s += xs[t] * gk[t]
+                    dwn[q, c, k] = s
+                q += 1
         if input_grad:
-            dxp = np.zeros((c_in, hp * wp), dtype=x.dtype)
+            dxp[:, :] = zero
             for c in range(c_in):
                 dst = dxp[c]
-                for di in range(kh):
-                    for dj in range(kw):
-                        d = dst[di * wp + dj : di * wp + dj + span]
-                        for k in range(c_out):
-                            wv = w[di, dj, c, k]
-                            gk = g[k]
-                            for t in range(span):
-                                d[t] += wv * gk[t]
+                for q in range(nt):
+                    d = dst[offs[q] : offs[q] + span]
+                    k = 0
+                    while k + 4 <= c_out:
+                        w0, w1, w2, w3 = (
+                            wt[q, c, k],
+                            wt[q, c, k + 1],
+                            wt[q, c, k + 2],
+                            wt[q, c, k + 3],
+                        )
+                        g0, g1, g2, g3 = g[k], g[k + 1], g[k + 2], g[k + 3]
+                        for t in range(span):
+                            d[t] += w0 * g0[t] + w1 * g1[t] + w2 * g2[t] + w3 * g3[t]
+                        k += 4
+                    while k < c_out:
+                        wv = wt[q, c, k]
+                        gk = g[k]
+                        for t in range(span):
+                            d[t] += wv * gk[t]
+                        k += 1
             for r in range(h):
                 for col in range(wd):
                     base = (r + pt) * wp + col + pl
