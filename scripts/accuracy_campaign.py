@@ -9,7 +9,8 @@ Each run: 5,000 training images held out for validation (stratified, seed-chosen
 (or cycled against the rate with ``--cycle-momentum``) and weight decay, a one-cycle learning
 rate stepped every batch, kernels initialised as the preset says (or with ``--init``). With
 ``--lr-grid`` the learning rate is chosen per seed by validation accuracy after a short run of
-``--grid-epochs``, before the full run. With ``--all-train`` (once the recipe has been chosen on
+``--grid-epochs``, before the full run; ``--decay-times-lr`` then gives each rate tried the
+weight decay that keeps their product fixed. With ``--all-train`` (once the recipe has been chosen on
 the validation split) the runs train on all 60,000 training images and no validation accuracy is
 reported. Test accuracy is reported plain and with test-time flip averaging, separately.
 Results go to ``--out/results.json`` (with each run's per-epoch curves) and a table on stdout
@@ -45,7 +46,7 @@ def run_one(args, seed, lr, epochs, train, val, console):
         val,
         epochs=epochs,
         batch_size=args.batch_size,
-        optimizer=SGD(lr, momentum=0.9, nesterov=True, weight_decay=args.weight_decay),
+        optimizer=SGD(lr, momentum=0.9, nesterov=True, weight_decay=weight_decay(args, lr)),
         loss=loss,
         schedule=OneCycle(lr, total=steps, momentum_range=args.cycle_momentum),
         seed=seed,
@@ -54,6 +55,19 @@ def run_one(args, seed, lr, epochs, train, val, console):
         console=console,
     )
     return model, time.perf_counter() - start, state.history
+
+
+def weight_decay(args, lr: float) -> float:
+    """The weight decay of a run at learning rate ``lr``: ``--weight-decay``, or with
+    ``--decay-times-lr X``, X / lr (the decay each step takes, lr · wd · w, then stays the same
+    whatever the rate: a loss whose gradients are ten times smaller, trained at a ten times
+    larger rate, is not also decayed ten times harder)."""
+    if args.decay_times_lr is not None:
+        return args.decay_times_lr / lr
+    return DEFAULT_WEIGHT_DECAY if args.weight_decay is None else args.weight_decay
+
+
+DEFAULT_WEIGHT_DECAY = 5e-4
 
 
 def main() -> None:
@@ -66,7 +80,17 @@ def main() -> None:
     p.add_argument("--grid-epochs", type=int, default=3)
     p.add_argument("--loss", choices=["cross-entropy", "mse"], default="cross-entropy")
     p.add_argument("--smoothing", type=float, default=0.0)
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--weight-decay", type=float, default=None, help=f"default {DEFAULT_WEIGHT_DECAY:g}"
+    )
+    p.add_argument(
+        "--decay-times-lr",
+        type=float,
+        default=None,
+        metavar="X",
+        help="hold learning rate × weight decay at X: each rate tried (grid and full run) gets "
+        "weight decay X / rate (cross-entropy's recipe: 0.1 × 5e-4 = 5e-5)",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--shift", type=int, default=2)
     p.add_argument("--no-flip", action="store_true")
@@ -103,6 +127,14 @@ def main() -> None:
             "choose the learning rate without --all-train first. "
             f"Received: --all-train --lr-grid {' '.join(map(str, args.lr_grid))}"
         )
+    if args.weight_decay is not None and args.decay_times_lr is not None:
+        p.error(
+            "give the weight decay either directly or as a product with the learning rate, "
+            f"not both. Received: --weight-decay {args.weight_decay:g} "
+            f"--decay-times-lr {args.decay_times_lr:g}"
+        )
+    if args.decay_times_lr is not None and args.decay_times_lr <= 0:
+        p.error(f"--decay-times-lr must be positive. Received: {args.decay_times_lr:g}")
     if args.threads:
         from threadpoolctl import threadpool_limits
 
@@ -130,6 +162,7 @@ def main() -> None:
             "seed": seed,
             "lr": lr,
             "lr_grid_val_accuracy": grid,
+            "weight_decay": weight_decay(args, lr),
             "val_accuracy": None if val is None else evaluate(model, val)["accuracy"],
             "train_images": len(train),
             "test_accuracy": evaluate(model, test)["accuracy"],

@@ -58,3 +58,25 @@ def test_all_train_uses_every_training_image_and_refuses_a_grid(tmp_path):
 def _run(cmd, out):
     subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
     return (out / "results.json").read_text()
+
+
+def test_decay_times_lr_gives_each_rate_its_own_weight_decay(tmp_path):
+    """With --decay-times-lr X the rate chosen on the grid trains with weight decay X / rate;
+    giving a weight decay as well is refused with both values named."""
+    fashion("test")
+    out = tmp_path / "coupled"
+    base = [sys.executable, str(SCRIPT), "--preset", "small", "--epochs", "1", "--seeds", "0"]
+    base += ["--limit", "256", "--batch-size", "64", "--threads", "1", "--out", str(out)]
+    bad = subprocess.run(
+        [*base, "--weight-decay", "1e-4", "--decay-times-lr", "5e-5"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert "Received: --weight-decay 0.0001 --decay-times-lr 5e-05" in bad.stderr
+    cmd = [*base, "--lr-grid", "0.01", "0.05", "--grid-epochs", "1", "--decay-times-lr", "5e-5"]
+    (run,) = json.loads(_run(cmd, out))["runs"]
+    assert run["lr"] in (0.01, 0.05)
+    assert math.isclose(run["weight_decay"], 5e-5 / run["lr"])
+    plain = json.loads(_run([*base, "--lr", "0.02"], out))["runs"][0]
+    assert plain["weight_decay"] == 5e-4  # the default, whatever the rate
