@@ -10,9 +10,9 @@ Each run: 5,000 training images held out for validation (stratified, seed-chosen
 rate stepped every batch, kernels initialised as the preset says (or with ``--init``). With
 ``--lr-grid`` the learning rate is chosen per seed by validation accuracy after a short run of
 ``--grid-epochs``, before the full run; ``--decay-times-lr`` then gives each rate tried the
-weight decay that keeps their product fixed. With ``--all-train`` (once the recipe has been chosen on
-the validation split) the runs train on all 60,000 training images and no validation accuracy is
-reported. Test accuracy is reported plain and with test-time flip averaging, separately.
+weight decay that keeps their product fixed. With ``--all-train`` (once the recipe has been
+chosen on the validation split) the runs train on all 60,000 training images and no validation
+accuracy is reported. Test accuracy is reported plain and with test-time flip averaging, separately.
 Results go to ``--out/results.json`` (with each run's per-epoch curves) and a table on stdout
 with the mean, best and worst seed and the wall time of each run.
 """
