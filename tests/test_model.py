@@ -156,8 +156,8 @@ def test_inference_in_small_batches_by_default(rng, monkeypatch):
     n = 2 * model_module.INFERENCE_BATCH + 5
     x = rng.random((n, 28, 28, 1))
     sizes = []
-    forward = model.forward
-    monkeypatch.setattr(model, "forward", lambda xb, **kw: sizes.append(len(xb)) or forward(xb))
+    logits = model._inference_logits
+    monkeypatch.setattr(model, "_inference_logits", lambda xb: sizes.append(len(xb)) or logits(xb))
     p = model.predict_proba(x)
     assert max(sizes) == model_module.INFERENCE_BATCH and sum(sizes) == n
     np.testing.assert_allclose(p, model.predict_proba(x, batch_size=n), rtol=1e-5)
@@ -165,6 +165,58 @@ def test_inference_in_small_batches_by_default(rng, monkeypatch):
     y = p.argmax(axis=1)
     assert metrics.evaluate(model, (x, y))["accuracy"] == 1.0
     assert max(sizes) == model_module.INFERENCE_BATCH and sum(sizes) == n
+
+
+def conv_bn_net(use_bias: bool, relu: bool, dtype="float32", seed=0):
+    """Convolutions followed by batch norm (with and without ReLU, on the direct and the im2col
+    path), and a batch norm after a dense layer, with statistics far from 0 and 1."""
+    layers = [cc.Conv2D(16, 3, padding="same", use_bias=use_bias), cc.BatchNorm()]
+    layers += [cc.ReLU()] if relu else []
+    layers += [cc.MaxPool2D(2), cc.Conv2D(5, 3, use_bias=use_bias), cc.BatchNorm(), cc.ReLU()]
+    layers += [cc.Flatten(), cc.Dense(6), cc.BatchNorm(), cc.Dense(3)]
+    model = cc.Sequential(layers, input_shape=(9, 9, 1), dtype=dtype, seed=seed)
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if isinstance(layer, cc.BatchNorm):
+            c = layer.params["gamma"].shape
+            layer.params["gamma"][:] = rng.uniform(0.5, 2.0, c)
+            layer.params["beta"][:] = rng.normal(size=c)
+            layer.buffers["running_mean"][:] = rng.normal(size=c)
+            layer.buffers["running_var"][:] = rng.uniform(0.2, 3.0, c)
+        if "bias" in layer.params:
+            layer.params["bias"][:] = rng.normal(size=layer.params["bias"].shape)
+    return model
+
+
+@pytest.mark.parametrize("use_bias", [False, True])
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("dtype,rtol", [("float32", 2e-5), ("float64", 1e-12)])
+def test_predict_proba_folds_batch_norm_into_the_convolution(rng, use_bias, relu, dtype, rtol):
+    """At inference batch norm after a convolution is a per-kernel scale and shift of its
+    output, so predict_proba folds it into the kernels and biases: one pass instead of two,
+    the same probabilities as the layers run one by one (to rounding), weights untouched."""
+    model = conv_bn_net(use_bias, relu, dtype)
+    before = model.state_dict()
+    x = rng.normal(size=(5, 9, 9, 1))
+    expected = cc.Softmax().forward(model.forward(x))
+    conv_bns = [
+        b
+        for a, b in zip(model.layers[:-1], model.layers[1:], strict=True)
+        if isinstance(a, cc.Conv2D)
+    ]
+    dense_bn = model.layers[-2]
+    assert all(isinstance(b, cc.BatchNorm) for b in [*conv_bns, dense_bn])
+    ran = []
+    for layer in [*conv_bns, dense_bn]:
+        layer.forward = lambda *a, layer=layer, **k: (
+            ran.append(layer.name) or type(layer).forward(layer, *a, **k)
+        )
+    p = model.predict_proba(x)
+    assert ran == [dense_bn.name]  # the two after convolutions were folded away
+    assert p.dtype == np.dtype(dtype)
+    np.testing.assert_allclose(p, expected, rtol=rtol, atol=rtol / 10)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
 
 
 def test_dropout_only_while_training(rng):

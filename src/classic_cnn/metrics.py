@@ -49,7 +49,7 @@ def evaluate(model, data, batch_size: int | None = None, loss=None, flip: bool =
             total -= float(np.log(np.maximum(probs[np.arange(len(yb)), yb], 1e-12)).sum())
             preds.append(probs.argmax(axis=1))
         else:
-            logits = model.forward(xb)
+            logits = model.predict_logits(xb, batch_size)
             total += loss.forward(logits, yb) * len(logits)
             preds.append(logits.argmax(axis=1))
     predicted = np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)

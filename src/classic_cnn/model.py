@@ -59,6 +59,23 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
 INFERENCE_BATCH = 256
 
 
+def _at(layers: list[Layer], i: int) -> Layer | None:
+    return layers[i] if i < len(layers) else None
+
+
+def _fold_batch_norm(conv: Conv2D, bn: BatchNorm) -> tuple[np.ndarray, np.ndarray]:
+    """Kernels and biases of the one convolution that computes ``bn(conv(x))`` at inference
+    (computed in float64, returned in the model's dtype)."""
+    w = conv.params["kernel"]
+    scale = bn.params["gamma"].astype(np.float64) / np.sqrt(
+        bn.buffers["running_var"].astype(np.float64) + bn.eps
+    )
+    bias = conv.params.get("bias")
+    b = 0.0 if bias is None else bias.astype(np.float64)
+    shift = (b - bn.buffers["running_mean"]) * scale + bn.params["beta"]
+    return (w * scale).astype(w.dtype), shift.astype(w.dtype)
+
+
 class Sequential:
     """A stack of layers for images of ``input_shape`` (H, W, C).
 
@@ -177,15 +194,40 @@ class Sequential:
     def predict_proba(self, x, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (softmax of the logits), N×classes, computed in pieces of
         ``batch_size`` images (default :data:`INFERENCE_BATCH`)."""
+        z = self.predict_logits(x, batch_size)
+        return z if self.ends_in_softmax or not len(z) else _softmax(z)
+
+    def predict_logits(self, x, batch_size: int | None = None) -> np.ndarray:
+        """The logits at inference, N×classes, computed in pieces of ``batch_size`` images
+        (default :data:`INFERENCE_BATCH`): :meth:`forward`'s numbers (to rounding: batch norm
+        after a convolution is folded into it). For back-propagation use :meth:`forward`."""
         batch_size = batch_size or INFERENCE_BATCH
         x = self._as_batch(x)
-        out = []
-        for i in range(0, len(x), batch_size):
-            z = self.forward(x[i : i + batch_size])
-            out.append(z if self.ends_in_softmax else _softmax(z))
+        out = [self._inference_logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         if not out:
             return np.zeros((0, *self.output_shape), dtype=self.dtype)
         return np.concatenate(out)
+
+    def _inference_logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits at inference, as :meth:`forward` gives them, with every batch norm that follows
+        a convolution folded into it: with running statistics the pair is one convolution of
+        kernels ``w·s`` and biases ``(b − mean)·s + beta``, ``s = gamma / sqrt(var + eps)``
+        (the same numbers to rounding, one pass over the feature maps instead of two). The
+        layers keep their own weights."""
+        i, layers = 0, self.layers
+        with ops.engine_threads():
+            while i < len(layers):
+                layer = layers[i]
+                if isinstance(layer, Conv2D) and isinstance(_at(layers, i + 1), BatchNorm):
+                    relu = type(_at(layers, i + 2)) is ReLU
+                    w, b = _fold_batch_norm(layer, layers[i + 1])
+                    x = ops.conv2d_forward(x, w, b, layer.stride, layer.padding, relu=relu)[0]
+                    i += 3 if relu else 2
+                    continue
+                fused = isinstance(layer, (Conv2D, BatchNorm)) and type(_at(layers, i + 1)) is ReLU
+                x = layer.forward(x, False, relu=True) if fused else layer.forward(x, False)
+                i += 2 if fused else 1
+        return x
 
     def predict(self, x, batch_size: int | None = None) -> np.ndarray:
         """The most probable class index for each image."""
