@@ -145,8 +145,9 @@ def test_fused_relu_keeps_nan_visible():
         x = -np.ones(shape, dtype=np.float32)
         x[0, 1, 1, 0] = np.nan
         w = np.ones((3, 3, shape[3], 2), dtype=np.float32)
-        y, _ = ops.conv2d_forward(x, w, None, 1, "same", relu=True)
-        assert np.isnan(y[0, :3, :3]).all() and (y[0, 3] == 0).all()
+        for bias in (None, np.full(2, 0.5, np.float32)):  # with a bias: one fused pass
+            y, _ = ops.conv2d_forward(x, w, bias, 1, "same", relu=True)
+            assert np.isnan(y[0, :3, :3]).all() and (y[0, 3] == 0).all()
 
 
 def test_activation_maps_still_show_batch_norm_before_relu():

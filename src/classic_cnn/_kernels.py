@@ -459,6 +459,41 @@ def col2im(dcols, kh, kw, stride, pt, pl, oh, ow, dx):
 
 
 @njit(cache=True, nogil=True)
+def bias_relu(y, b, relu):
+    """``y += b`` on every row of y (M, K), and with ``relu`` then ``y = max(y, 0)``, in one
+    pass (a NaN stays NaN, as ``np.maximum`` keeps it): the same numbers as the two NumPy
+    passes."""
+    m, k = y.shape
+    zero = np.zeros(1, dtype=y.dtype)[0]
+    for r in range(m):
+        yr = y[r]
+        if relu:
+            for j in range(k):
+                v = yr[j] + b[j]
+                yr[j] = zero if v < zero else v
+        else:
+            for j in range(k):
+                yr[j] += b[j]
+
+
+@njit(cache=True, nogil=True)
+def fold_batch_norm(w, bias, has_bias, gamma, beta, mean, var, eps, w_out, b_out):
+    """Kernels w (P, K) and biases of the convolution followed by inference-time batch norm:
+    ``s = gamma / sqrt(var + eps)`` (in float64), ``w_out = w·s`` per column,
+    ``b_out = (bias − mean)·s + beta``."""
+    p, k = w.shape
+    scale = np.empty(k, dtype=w.dtype)
+    for j in range(k):
+        s = np.float64(gamma[j]) / np.sqrt(np.float64(var[j]) + eps)
+        b = np.float64(bias[j]) if has_bias else 0.0
+        b_out[j] = (b - np.float64(mean[j])) * s + np.float64(beta[j])
+        scale[j] = s
+    for r in range(p):
+        for j in range(k):
+            w_out[r, j] = w[r, j] * scale[j]
+
+
+@njit(cache=True, nogil=True)
 def relu_backward(dy, y, dx):
     """``dx = dy`` where ``y > 0``, else 0 (flat, contiguous arrays), in one pass."""
     for t in range(dy.size):

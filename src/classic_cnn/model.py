@@ -64,16 +64,17 @@ def _at(layers: list[Layer], i: int) -> Layer | None:
 
 
 def _fold_batch_norm(conv: Conv2D, bn: BatchNorm) -> tuple[np.ndarray, np.ndarray]:
-    """Kernels and biases of the one convolution that computes ``bn(conv(x))`` at inference
-    (computed in float64, returned in the model's dtype)."""
-    w = conv.params["kernel"]
-    scale = bn.params["gamma"].astype(np.float64) / np.sqrt(
-        bn.buffers["running_var"].astype(np.float64) + bn.eps
+    """Kernels and biases of the one convolution that computes ``bn(conv(x))`` at inference."""
+    p, buf = bn.params, bn.buffers
+    return ops.fold_batch_norm(
+        conv.params["kernel"],
+        conv.params.get("bias"),
+        p["gamma"],
+        p["beta"],
+        buf["running_mean"],
+        buf["running_var"],
+        bn.eps,
     )
-    bias = conv.params.get("bias")
-    b = 0.0 if bias is None else bias.astype(np.float64)
-    shift = (b - bn.buffers["running_mean"]) * scale + bn.params["beta"]
-    return (w * scale).astype(w.dtype), shift.astype(w.dtype)
 
 
 class Sequential:

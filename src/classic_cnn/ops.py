@@ -376,6 +376,7 @@ def conv2d_forward(
     step = _piece_images(n, per, patch, x.dtype)
     starts = range(0, n, step)
     parts = _parts(len(starts), y.size * patch)
+    bias_relu, relu = _k().bias_relu, bool(relu)
 
     def work(t):
         cols = _workspace("cols", (step * per, patch), x.dtype)
@@ -385,9 +386,9 @@ def conv2d_forward(
             _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
             out = y[s * per : e * per]
             np.matmul(piece, wmat, out=out)
-            if b is not None:
-                out += b
-            if relu:  # while the piece is still in the caches
+            if b is not None:  # bias and ReLU in one pass, while the piece is in the caches
+                bias_relu(out, b, relu)
+            elif relu:
                 np.maximum(out, 0, out=out)
 
     _run(work, parts)
@@ -756,6 +757,39 @@ def batchnorm_forward(
         len(x2), x2.size, lambda s, e: kern(x2[s:e], mean, inv_std, g, bt, xh2[s:e], y2[s:e], relu)
     )
     return y, (xhat, gamma, inv_std, training, axes, (g, bt) if relu else None)
+
+
+def fold_batch_norm(
+    w: np.ndarray,
+    b: np.ndarray | None,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    running_mean: np.ndarray,
+    running_var: np.ndarray,
+    eps: float = 1e-5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The kernels and biases of the one convolution that computes, at inference, a
+    convolution (kernels ``w`` (KH, KW, C_in, C_out), biases ``b`` or None) followed by batch
+    norm: with running statistics batch norm is a per-channel scale and shift,
+    ``s = gamma / sqrt(var + eps)``, so the pair is kernels ``w·s`` and biases
+    ``(b − mean)·s + beta`` (computed in float64 per channel, returned in ``w``'s dtype)."""
+    cout = w.shape[-1]
+    w2 = np.ascontiguousarray(w).reshape(-1, cout)
+    w_out = np.empty_like(w2)
+    b_out = np.empty(cout, dtype=w.dtype)
+    _k().fold_batch_norm(
+        w2,
+        w2[0] if b is None else b,
+        b is not None,
+        gamma,
+        beta,
+        running_mean,
+        running_var,
+        float(eps),
+        w_out,
+        b_out,
+    )
+    return w_out.reshape(w.shape), b_out
 
 
 def batchnorm_backward(dy: np.ndarray, cache: tuple):
