@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import math
 import os
+import sys
 import threading
 
 import numpy as np
@@ -134,6 +135,52 @@ def _blas_libraries():
     return _BLAS
 
 
+#: glibc's malloc serves every array above 128 KB with fresh pages from the kernel (mmap) and
+#: returns them on free, and it hands free memory at the top of its heap back too: the arrays
+#: of a training step (a few MB each, allocated and freed every step) then page-fault on every
+#: step. The engine asks it, once, to serve arrays up to 32 MB from its heap and to keep up to
+#: 1 GiB of freed heap for the next step. Measured (LeNet-5, batch 64, one thread): the first
+#: pooling's backward pass 0.43 → 0.19 ms, a whole step about 10% faster. The process keeps its
+#: peak heap instead of returning it between steps. ``CLASSIC_CNN_MALLOC=system`` (or glibc's
+#: own ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``) leaves malloc as it is.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 1 << 30
+_MALLOC = {"tuned": None}
+
+
+def tune_malloc() -> bool:
+    """Apply :data:`MALLOC_MMAP_THRESHOLD` and :data:`MALLOC_TRIM_THRESHOLD` to glibc's
+    malloc (once per process; nothing elsewhere, or when the environment opts out). Returns
+    whether they are in force."""
+    if _MALLOC["tuned"] is not None:
+        return _MALLOC["tuned"]
+    _MALLOC["tuned"] = False
+    env = os.environ
+    if (
+        not sys.platform.startswith("linux")
+        or env.get("CLASSIC_CNN_MALLOC", "").strip().lower() == "system"
+        or "MALLOC_MMAP_THRESHOLD_" in env
+        or "MALLOC_TRIM_THRESHOLD_" in env
+    ):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        # glibc only: other C libraries' mallopt options differ
+        glibc = hasattr(libc, "gnu_get_libc_version")
+    except (OSError, AttributeError):
+        return False
+    if not glibc:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
+    ok = mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD) == 1
+    ok = mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD) == 1 and ok
+    _MALLOC["tuned"] = ok
+    return ok
+
+
 @contextlib.contextmanager
 def engine_threads(n: int | None = None):
     """Let the operations called inside split their work over ``n`` threads (default: as many
@@ -147,6 +194,8 @@ def engine_threads(n: int | None = None):
         return
     libs = _blas_libraries()
     with _LOCK:
+        if _MALLOC["tuned"] is None:
+            tune_malloc()
         if _ACTIVE["count"] == 0:
             _ACTIVE["restore"] = [(lib, lib.num_threads) for lib in libs]
             _ACTIVE["available"] = max([t for _, t in _ACTIVE["restore"]] + [1])
