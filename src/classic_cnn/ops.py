@@ -342,7 +342,31 @@ def _workspace(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     buf = bufs.get(key)
     if buf is None or buf.size < size:
         buf = bufs[key] = np.empty(max(size, 1), dtype=dtype)
+        _held().pop(key, None)
     return buf[:size].reshape(shape)
+
+
+def _held() -> dict:
+    """What this thread's workspaces hold, by workspace: see :func:`_patches_into`."""
+    held = getattr(_WORK, "held", None)
+    if held is None:
+        held = _WORK.held = {}
+    return held
+
+
+def _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather: bool = True) -> None:
+    """The patches of images ``s:e`` of x into ``piece``, the start of this thread's "cols"
+    workspace, which then records that it holds them. With ``gather=False`` (the backward
+    pass), nothing is done when it still holds exactly those patches: the forward pass's last
+    piece on this thread, when no other convolution has used the workspace since (the
+    backward pass takes each thread's pieces in reverse order, so that piece comes first).
+    The cache keeps x alive from forward to backward, so its ``id`` cannot be reused."""
+    key = ("cols", x.dtype.str)
+    tag = (id(x), s, e, kh, kw, stride, pads, oh, ow, piece.shape)
+    held = _held()
+    if gather or held.get(key) != tag:
+        _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
+        held[key] = tag
 
 
 def _window_slices(kh: int, kw: int, stride: int, oh: int, ow: int):
@@ -432,7 +456,7 @@ def conv2d_forward(
         for s in starts[t::parts]:
             e = min(n, s + step)
             piece = cols[: (e - s) * per]
-            _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
+            _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece)
             out = y[s * per : e * per]
             np.matmul(piece, wmat, out=out)
             if b is not None:  # bias and ReLU in one pass, while the piece is in the caches
@@ -512,12 +536,12 @@ def conv2d_backward(
     def work(t):
         cols = _workspace("cols", (step * per, patch), x.dtype)
         dcols = _workspace("dcols", (step * per, patch), x.dtype) if input_grad else None
-        for i in range(t, len(starts), parts):
+        for i in reversed(range(t, len(starts), parts)):  # the piece still held comes first
             s = starts[i]
             e = min(n, s + step)
             piece = cols[: (e - s) * per]
             dy_piece = dy2[s * per : e * per]
-            _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
+            _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather=False)
             np.matmul(piece.T, dy_piece, out=dw_parts[i])
             if input_grad:
                 dpiece = dcols[: (e - s) * per]
