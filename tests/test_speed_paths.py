@@ -131,6 +131,24 @@ def test_backward_reuses_the_patches_still_held_and_never_stale_ones(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_dropout_gives_the_numbers_of_the_numpy_formula(monkeypatch, dtype, threads):
+    """One compiled pass (split over threads) instead of NumPy's three, with the same random
+    stream, mask and output bit for bit; a NaN stays NaN even where dropped."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    x = np.random.default_rng(1).normal(size=(5, 7, 3, 4)).astype(dtype)
+    x[0, 0, 0, :] = np.nan
+    rate = 0.3
+    u = np.random.default_rng(9).random(x.shape, dtype=np.float64)
+    mask = (u >= rate).astype(dtype) * dtype(1.0 / (1.0 - rate))
+    with ops.engine_threads(threads):
+        y, got = ops.dropout_forward(x, rate, np.random.default_rng(9), training=True)
+    np.testing.assert_array_equal(got, mask)
+    np.testing.assert_array_equal(y, x * mask)
+    assert y.dtype == got.dtype == dtype and np.isnan(y[0, 0, 0]).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_relu_backward_matches_numpy(rng, dtype):
     x = rng.normal(size=(3, 5, 4, 2)).astype(dtype)
     x[0, 0, 0, 0] = 0.0

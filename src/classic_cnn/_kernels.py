@@ -494,6 +494,18 @@ def fold_batch_norm(w, bias, has_bias, gamma, beta, mean, var, eps, w_out, b_out
 
 
 @njit(cache=True, nogil=True)
+def dropout_apply(x, u, rate, scale, y, mask):
+    """Inverted dropout's forward pass over flat arrays, in one pass: ``mask = scale`` where
+    the uniform number ``u ≥ rate``, else 0, and ``y = x·mask`` (the numbers of the NumPy
+    passes ``(u >= rate).astype(dtype) * scale`` and ``x * mask``)."""
+    zero = np.zeros(1, dtype=y.dtype)[0]
+    for t in range(x.size):
+        m = scale if u[t] >= rate else zero
+        mask[t] = m
+        y[t] = x[t] * m
+
+
+@njit(cache=True, nogil=True)
 def relu_backward(dy, y, dx):
     """``dx = dy`` where ``y > 0``, else 0 (flat, contiguous arrays), in one pass."""
     for t in range(dy.size):

@@ -919,9 +919,19 @@ def dropout_forward(x: np.ndarray, rate: float, rng: np.random.Generator, traini
     survivors are scaled by ``1 / (1 − rate)``, so nothing changes at inference."""
     if not training or rate == 0:
         return x, None
-    keep = rng.random(x.shape, dtype=np.float64) >= rate
-    mask = keep.astype(x.dtype) * x.dtype.type(1.0 / (1.0 - rate))
-    return x * mask, mask
+    u = rng.random(x.shape, dtype=np.float64)  # the one serial part: a single random stream
+    x = np.ascontiguousarray(x)
+    y, mask = np.empty(x.shape, dtype=x.dtype), np.empty(x.shape, dtype=x.dtype)
+    scale = x.dtype.type(1.0 / (1.0 - rate))
+    xf, uf, yf, mf, kern = (
+        x.reshape(-1),
+        u.reshape(-1),
+        y.reshape(-1),
+        mask.reshape(-1),
+        _k().dropout_apply,
+    )
+    _split(len(xf), xf.size, lambda s, e: kern(xf[s:e], uf[s:e], rate, scale, yf[s:e], mf[s:e]))
+    return y, mask
 
 
 def dropout_backward(dy: np.ndarray, mask):
