@@ -33,6 +33,34 @@ def test_sgd_momentum_nesterov_weight_decay_follow_the_formula(rng):
         np.testing.assert_allclose(got, w, rtol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("nesterov,wd", [(False, 0.0), (False, 5e-4), (True, 5e-4)])
+def test_sgd_momentum_gives_the_bits_of_numpys_in_place_formula(rng, dtype, nesterov, wd):
+    """The compiled one-pass momentum step rounds each operation as the NumPy code does (the
+    learning rate changing between steps, as a schedule changes it)."""
+    w0 = rng.normal(size=(5, 7)).astype(dtype)
+    grads = [rng.normal(size=(5, 7)).astype(dtype) for _ in range(4)]
+    lrs, mu = [0.1, 0.07, 0.3, 0.01], 0.9
+    w, v = w0.copy(), None
+    for lr, g in zip(lrs, grads, strict=True):
+        if wd:
+            g = g + wd * w
+        if v is None:
+            v = g.copy()
+        else:
+            v *= mu
+            v += g
+        w -= lr * (g + mu * v if nesterov else v)
+    opt = cc.SGD(0.1, momentum=mu, nesterov=nesterov, weight_decay=wd)
+    params = {"w": w0.copy()}
+    for lr, g in zip(lrs, grads, strict=True):
+        opt.lr = lr
+        opt.step(params, {"w": g})
+    assert params["w"].dtype == dtype
+    np.testing.assert_array_equal(params["w"], w)
+    np.testing.assert_array_equal(opt.state["w"]["velocity"], v)
+
+
 def test_adam_and_adamw_follow_the_formula(rng):
     w0 = rng.normal(size=5)
     grads = [rng.normal(size=5) for _ in range(3)]

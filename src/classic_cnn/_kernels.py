@@ -506,6 +506,21 @@ def dropout_apply(x, u, rate, scale, y, mask):
 
 
 @njit(cache=True, nogil=True)
+def sgd_momentum_step(p, g, v, lr, mu, wd, nesterov):
+    """One SGD step with momentum over flat arrays, in one pass, PyTorch's form:
+    ``g ← g + wd·p`` (when wd ≠ 0), ``v ← μ·v + g``, ``p ← p − lr·(g + μ·v if nesterov else
+    v)``; each operation rounded as NumPy rounds it (lr, μ and wd are of p's dtype)."""
+    for t in range(p.size):
+        gt = g[t]
+        if wd != 0:
+            gt = gt + wd * p[t]
+        vt = v[t] * mu + gt
+        v[t] = vt
+        step = gt + mu * vt if nesterov else vt
+        p[t] = p[t] - lr * step
+
+
+@njit(cache=True, nogil=True)
 def relu_backward(dy, y, dx):
     """``dx = dy`` where ``y > 0``, else 0 (flat, contiguous arrays), in one pass."""
     for t in range(dy.size):

@@ -13,6 +13,8 @@ import numbers
 
 import numpy as np
 
+from . import ops
+
 
 def _check(value, arg: str, low: float, high: float = math.inf, low_open=False) -> float:
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and value <= high
@@ -83,10 +85,18 @@ class SGD(Optimizer):
         self.nesterov = bool(nesterov)
 
     def _update(self, name, p, g):
+        s = self.state.setdefault(name, {}) if self.momentum else None
+        if s and "velocity" in s and p.flags.c_contiguous and p.dtype in (np.float32, np.float64):
+            # the usual step: one compiled pass over p, g and v, the same numbers as below
+            t = p.dtype.type
+            v = s["velocity"]
+            g = np.ascontiguousarray(g, dtype=p.dtype).reshape(-1)
+            args = t(self.lr), t(self.momentum), t(self.weight_decay), self.nesterov
+            ops.sgd_momentum_step(p.reshape(-1), g, v.reshape(-1), *args)
+            return
         if self.weight_decay:
             g = g + self.weight_decay * p
         if self.momentum:
-            s = self.state.setdefault(name, {})
             if "velocity" not in s:
                 s["velocity"] = g.copy()  # PyTorch starts the buffer at the first gradient
             else:
