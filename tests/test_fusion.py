@@ -68,7 +68,7 @@ def _one_by_one(model, x, y, training):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, training, threads):
-    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     calls = []
     real = ops.batchnorm_forward
     monkeypatch.setattr(
@@ -101,7 +101,7 @@ def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, trai
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fused_convolution_relu_gives_the_bits_of_the_two_layers(monkeypatch, threads):
-    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     calls = []
     real = ops.conv2d_forward
     monkeypatch.setattr(

@@ -105,7 +105,7 @@ def test_backward_reuses_the_patches_still_held_and_never_stale_ones(
     each thread. When another convolution of the same shapes ran in between, every piece is
     gathered again, and the gradients stay the reference's."""
     monkeypatch.setattr(ops, "DIRECT_MAX_PATCH", 0)
-    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     gathers = []
     real = ops._im2col_into
     monkeypatch.setattr(ops, "_im2col_into", lambda x, *a: gathers.append(len(x)) or real(x, *a))
@@ -135,7 +135,7 @@ def test_backward_reuses_the_patches_still_held_and_never_stale_ones(
 def test_dropout_gives_the_numbers_of_the_numpy_formula(monkeypatch, dtype, threads):
     """One compiled pass (split over threads) instead of NumPy's three, with the same random
     stream, mask and output bit for bit; a NaN stays NaN even where dropped."""
-    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     x = np.random.default_rng(1).normal(size=(5, 7, 3, 4)).astype(dtype)
     x[0, 0, 0, :] = np.nan
     rate = 0.3

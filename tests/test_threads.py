@@ -20,7 +20,7 @@ threadpoolctl = pytest.importorskip("threadpoolctl")
 @pytest.fixture
 def split_everything(monkeypatch):
     """Split even tiny operations, so that the small arrays of a test take the threaded paths."""
-    monkeypatch.setattr(ops, "PARALLEL_MIN_SIZE", 0)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
 
 
 def _conv_all(x, w, b, stride, padding):
@@ -194,8 +194,8 @@ def test_im2col_pieces_are_shared_evenly_among_threads(threads, n, positions, pa
     """The im2col pieces are as even as possible and come in a multiple of the thread count
     where they can: each thread gets (nearly) the same share of the batch (not 109 + 38
     images against 109)."""
-    with ops.engine_threads(threads):
-        step = ops._piece_images(n, positions, patch, np.float32)
+    with ops.engine_threads(threads):  # 16 kernels, as LeNet-5's second convolution
+        step = ops._piece_images(n, positions, patch, np.float32, 16)
     assert step * positions * patch * 4 <= ops.IM2COL_PIECE_BYTES
     sizes = [min(step, n - s) for s in range(0, n, step)]
     shares = [sum(sizes[t::threads]) for t in range(threads)]  # pieces are dealt out in turn

@@ -113,12 +113,23 @@ _KERNELS = None
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
 _ACTIVE = {"count": 0, "restore": []}
-_POOL: list = [None, 0, 0]  # executor, its worker count, the process it belongs to
+_POOL: list = [[], 0]  # one single-thread executor per worker, the process they belong to
 _BLAS = None
 
-#: below this many numbers touched (or multiply-adds made), an operation runs on one thread:
-#: handing work to another thread costs some 20 µs
-PARALLEL_MIN_SIZE = 1 << 17
+#: an operation runs on one thread unless its estimated one-thread time, in nanoseconds, is at
+#: least this. Handing work to the other thread and getting it back costs 60-90 µs on the
+#: 2-core virtual machines this is measured on (waking an idle virtual CPU, the GIL passed back
+#: and forth; 13 µs at best): at 2 threads, LeNet-5's dense layers at batch 64 (10-80 µs of
+#: work) took 2.5-7× longer split than whole, its first pooling (0.18 ms) 1.2-1.5× longer.
+PARALLEL_MIN_NS = 250_000
+#: one-thread costs behind that estimate, in ns, measured on the Xeon of the README's table:
+#: an elementwise pass per number (read, compute, write), a multiply-add in a BLAS product and
+#: in the direct convolution's loops, a number gathered into im2col patches, a pooling tap
+NS_PER_NUMBER = 0.5
+NS_PER_MAC_BLAS = 0.025
+NS_PER_MAC_DIRECT = 0.065
+NS_PER_GATHERED = 0.15
+NS_PER_POOL_TAP = 0.15
 
 
 def threads() -> int:
@@ -218,20 +229,23 @@ def engine_threads(n: int | None = None):
 
 
 def _run(work, parts: int) -> None:
-    """``work(t)`` for t in 0..parts-1: part 0 on the calling thread, the rest on the pool."""
+    """``work(t)`` for t in 0..parts-1: part 0 on the calling thread, part t on worker t, the
+    same thread each time (so its workspaces still hold what it left there, see
+    :func:`_patches_into`)."""
     if parts <= 1:
         work(0)
         return
     with _LOCK:
-        pool, size, pid = _POOL
-        # a new pool when more workers are needed, or in a forked child (whose copy of the
-        # pool has no threads); a replaced pool's idle threads end when it is collected
-        if pool is None or size < parts - 1 or pid != os.getpid():
+        workers, pid = _POOL
+        # new workers in a forked child (its copy of the pool has no threads); more when needed
+        if pid != os.getpid():
+            workers = []
+            _POOL[:] = [workers, os.getpid()]
+        while len(workers) < parts - 1:
             from concurrent.futures import ThreadPoolExecutor
 
-            pool = ThreadPoolExecutor(parts - 1, thread_name_prefix="classic-cnn")
-            _POOL[:] = [pool, parts - 1, os.getpid()]
-    futures = [pool.submit(work, t) for t in range(1, parts)]
+            workers.append(ThreadPoolExecutor(1, thread_name_prefix="classic-cnn"))
+    futures = [workers[t - 1].submit(work, t) for t in range(1, parts)]
     try:
         work(0)
     finally:
@@ -239,10 +253,11 @@ def _run(work, parts: int) -> None:
             f.result()
 
 
-def _parts(n: int, size: int) -> int:
-    """How many threads to split ``n`` items (``size`` numbers in all) over."""
+def _parts(n: int, size: float, ns_per_unit: float = NS_PER_NUMBER) -> int:
+    """How many threads to split ``n`` items over, ``size`` units of work in all, each taking
+    about ``ns_per_unit`` on one thread (see :data:`PARALLEL_MIN_NS`)."""
     t = threads()
-    return 1 if t <= 1 or n < 2 or size < PARALLEL_MIN_SIZE else min(t, n)
+    return 1 if t <= 1 or n < 2 or size * ns_per_unit < PARALLEL_MIN_NS else min(t, n)
 
 
 def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
@@ -251,9 +266,9 @@ def _ranges(n: int, parts: int) -> list[tuple[int, int]]:
     return list(itertools.pairwise(bounds))
 
 
-def _split(n: int, size: int, body) -> None:
+def _split(n: int, size: float, body, ns_per_unit: float = NS_PER_NUMBER) -> None:
     """``body(start, end)`` over contiguous ranges of 0..n, on threads when worth it."""
-    parts = _parts(n, size)
+    parts = _parts(n, size, ns_per_unit)
     ranges = _ranges(n, parts)
     _run(lambda t: body(*ranges[t]), parts)
 
@@ -316,16 +331,22 @@ def col2im(dcols: np.ndarray, x_shape, kh: int, kw: int, stride: int, pads: Pads
 IM2COL_PIECE_BYTES = 4 << 20
 
 
-def _piece_images(n: int, positions: int, patch: int, dtype) -> int:
+def _piece_images(n: int, positions: int, patch: int, dtype, cout: int = 1) -> int:
     """Images per piece of the im2col path: at most as many as :data:`IM2COL_PIECE_BYTES` of
     patches hold, at least one, and the pieces as even as possible, their number a multiple of
     the threads (when the batch is worth splitting at all) so that each thread gets the same
     share (LeNet-5's second conv at batch 256 on 2 threads: pieces of 64, not 109, 109, 38)."""
     per_image = positions * patch * np.dtype(dtype).itemsize
     step = max(1, min(n, IM2COL_PIECE_BYTES // max(per_image, 1)))
-    t = _parts(n, n * positions * patch)
+    t = _parts(n, n * positions * patch, _im2col_ns(cout))
     pieces = math.ceil(math.ceil(n / step) / t) * t
     return math.ceil(n / min(pieces, n))
+
+
+def _im2col_ns(cout: int, products: int = 1) -> float:
+    """One-thread ns per number of the im2col path's patches: gathered once, multiplied with
+    ``cout`` kernels in each of ``products`` products."""
+    return NS_PER_GATHERED + products * cout * NS_PER_MAC_BLAS
 
 
 _WORK = threading.local()
@@ -439,16 +460,17 @@ def conv2d_forward(
         wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_forward
         size = y.size * kh * kw * cin
         relu = bool(relu)
-        _split(n, size, lambda s, e: kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout, relu))
+        body = lambda s, e: kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout, relu)  # noqa: E731
+        _split(n, size, body, NS_PER_MAC_DIRECT)
         return y, (x, w, b is not None, stride, pads, None, y if relu else None)
     # im2col × kernels, a few images at a time (see IM2COL_PIECE_BYTES); the pieces are dealt
     # out to the threads in turn, each with its own patch buffer
     patch, per = kh * kw * cin, oh * ow
     wmat = np.ascontiguousarray(w).reshape(patch, cout)
     y = np.empty((n * per, cout), dtype=x.dtype)
-    step = _piece_images(n, per, patch, x.dtype)
+    step = _piece_images(n, per, patch, x.dtype, cout)
     starts = range(0, n, step)
-    parts = _parts(len(starts), y.size * patch)
+    parts = _parts(len(starts), n * per * patch, _im2col_ns(cout))
     bias_relu, relu = _k().bias_relu, bool(relu)
 
     def work(t):
@@ -511,7 +533,7 @@ def conv2d_backward(
                 input_grad,
             )
 
-        _split(n, dy.size * kh * kw * cin * (2 if input_grad else 1), body)
+        _split(n, dy.size * kh * kw * cin * (2 if input_grad else 1), body, NS_PER_MAC_DIRECT)
         dw = dw_parts.sum(axis=0)
         db = db_parts.sum(axis=0) if has_bias else None
         return (dx if input_grad else None), dw, db
@@ -527,10 +549,10 @@ def conv2d_backward(
     # a column sum as a product with ones: BLAS does it ~8× faster than ndarray.sum(axis=0)
     db = np.ones(len(dy2), dtype=dy2.dtype) @ dy2 if has_bias else None
     dx = np.zeros(x.shape, dtype=x.dtype) if input_grad else None
-    step = _piece_images(n, per, patch, x.dtype)
+    step = _piece_images(n, per, patch, x.dtype, cout)  # the forward pass's pieces
     starts = range(0, n, step)
     dw_parts = np.empty((len(starts), patch, cout), dtype=x.dtype)
-    parts = _parts(len(starts), dy2.size * patch * (2 if input_grad else 1))
+    parts = _parts(len(starts), n * per * patch, _im2col_ns(cout, 2 if input_grad else 1))
     col2im_kernel = _k().col2im
 
     def work(t):
@@ -579,7 +601,7 @@ def maxpool2d_forward(
     else:
         kern = _k().maxpool2d_forward
         body = lambda s, e: kern(x[s:e], ph, pw, stride, y[s:e], arg[s:e])  # noqa: E731
-    _split(n, y.size * ph * pw, body)
+    _split(n, y.size * ph * pw, body, NS_PER_POOL_TAP)
     return y, (x.shape, arg, pool_size, stride)
 
 
@@ -641,7 +663,7 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[n
         if b is not None:
             y[s:e] += b
 
-    _split(len(x), x.size * w.shape[1], rows)
+    _split(len(x), x.size * w.shape[1], rows, NS_PER_MAC_BLAS)
     return y, (x, w, b is not None)
 
 
@@ -650,9 +672,11 @@ def dense_backward(dy: np.ndarray, cache: tuple):
     x, w, has_bias = cache
     dx = np.empty((len(dy), w.shape[0]), dtype=np.result_type(dy, w))
     dw = np.empty(w.shape, dtype=np.result_type(x, dy))
-    _split(len(dy), dx.size * w.shape[1], lambda s, e: np.matmul(dy[s:e], w.T, out=dx[s:e]))
+    mm = NS_PER_MAC_BLAS
+    _split(len(dy), dx.size * w.shape[1], lambda s, e: np.matmul(dy[s:e], w.T, out=dx[s:e]), mm)
     # dw column by column block: each column is one product, whichever thread makes it
-    _split(w.shape[1], dw.size * len(x), lambda s, e: np.matmul(x.T, dy[:, s:e], out=dw[:, s:e]))
+    body = lambda s, e: np.matmul(x.T, dy[:, s:e], out=dw[:, s:e])  # noqa: E731
+    _split(w.shape[1], dw.size * len(x), body, mm)
     return dx, dw, (dy.sum(axis=0) if has_bias else None)
 
 
