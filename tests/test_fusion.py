@@ -158,3 +158,60 @@ def test_activation_maps_still_show_batch_norm_before_relu():
     z = model.layers[0].forward(x)
     bn = model.layers[1].forward(z)
     assert (bn < 0).any()
+
+
+def _pool_net(pool, stride, seed=0):
+    """Convolution + ReLU + max pooling on the direct path (3×3×2 patches, 'same' and
+    'valid') and on the im2col path (3×3×16), with and without bias."""
+    return Sequential(
+        [
+            Conv2D(16, 3, padding="same"),
+            ReLU(),
+            MaxPool2D(pool, stride),
+            Conv2D(5, 3, use_bias=False),
+            ReLU(),
+            MaxPool2D(pool, stride),
+            Flatten(),
+            Dense(3),
+        ],
+        (13, 12, 2),
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("pool,stride", [(2, 2), (2, 1), (3, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_convolution_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
+    monkeypatch, pool, stride, threads
+):
+    """Sequential runs conv + ReLU + max pooling as one step (each thread takes its images
+    through both on the direct path): the forward output, loss, dx and every gradient are
+    the very numbers of the three layers run one by one, and both pooling layers' caches
+    are filled as their own forward passes fill them."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    calls = []
+    real = ops.conv2d_maxpool_forward
+    monkeypatch.setattr(
+        ops, "conv2d_maxpool_forward", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k)
+    )
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, 13, 12, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=5)
+    a, b = _pool_net(pool, stride), _pool_net(pool, stride)
+    loss = CrossEntropyLoss()
+    with ops.engine_threads(threads):
+        want = _one_by_one(a, x, y, True)
+        assert calls == []
+        z = b.forward(x, True)
+        assert calls == [(3, 3, 2, 16), (3, 3, 16, 5)]  # both triples fused
+        value = loss.forward(z, y)
+        d = b.backward(loss.backward())
+    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, "im2col"]
+    np.testing.assert_array_equal(z, want[0])
+    assert value == want[1]
+    np.testing.assert_array_equal(d, want[2])
+    for name, g in want[3].items():
+        np.testing.assert_array_equal(b.gradients()[name], g, err_msg=name)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        if isinstance(la, MaxPool2D):
+            np.testing.assert_array_equal(la._cache[1], lb._cache[1])  # the winners

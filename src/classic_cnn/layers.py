@@ -242,22 +242,32 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         return oh * ow * self.filters * kh * kw * input_shape[2]
 
-    def forward(self, x, training=False, relu=False):
+    def forward(self, x, training=False, relu=False, pool=None):
         """``relu=True``: also apply the ReLU that follows, in the same pass (``Sequential``
-        does so; :meth:`backward` then takes the gradient through both)."""
+        does so; :meth:`backward` then takes the gradient through both). ``pool``: the
+        :class:`MaxPool2D` layer after that ReLU, run in the same step (its own cache filled
+        as its forward pass fills it); the pooled output is returned."""
         self._check_input(x)
+        w, b = self.params["kernel"], self.params.get("bias")
+        if pool is not None:
+            y, self._cache, pool._cache = ops.conv2d_maxpool_forward(
+                x, w, b, self.stride, self.padding, relu, pool.pool_size, pool.stride
+            )
+            return y
         y, self._cache = ops.conv2d_forward(
-            x,
-            self.params["kernel"],
-            self.params.get("bias"),
-            self.stride,
-            self.padding,
-            **({"relu": True} if relu else {}),
+            x, w, b, self.stride, self.padding, **({"relu": True} if relu else {})
         )
         return y
 
-    def backward(self, dy):
-        dx, dw, db = ops.conv2d_backward(dy, self._need_cache(), self.input_grad)
+    def backward(self, dy, pool=None):
+        """``pool``: the pooling layer run in the same forward step; dy is then the gradient
+        of its output."""
+        if pool is not None:
+            dx, dw, db = ops.conv2d_maxpool_backward(
+                dy, self._need_cache(), pool._need_cache(), self.input_grad
+            )
+        else:
+            dx, dw, db = ops.conv2d_backward(dy, self._need_cache(), self.input_grad)
         self.grads["kernel"] = dw
         if self.use_bias:
             self.grads["bias"] = db

@@ -13,7 +13,17 @@ import json
 import numpy as np
 
 from . import ops
-from .layers import BatchNorm, Conv2D, Dropout, Layer, ReLU, Softmax, _fmt_shape, layer_from_config
+from .layers import (
+    BatchNorm,
+    Conv2D,
+    Dropout,
+    Layer,
+    MaxPool2D,
+    ReLU,
+    Softmax,
+    _fmt_shape,
+    layer_from_config,
+)
 from .losses import CrossEntropyLoss, Loss
 
 
@@ -152,11 +162,13 @@ class Sequential:
             )
         return x.astype(self.dtype, copy=False)
 
-    def _steps(self) -> list[tuple[Layer, bool]]:
-        """The layers as run: ``(layer, fused)``, a convolution or batch norm followed by a
-        ReLU as one step (the ReLU applied as the outputs are written, and its gradient in
+    def _steps(self) -> list[tuple[Layer, bool, MaxPool2D | None]]:
+        """The layers as run: ``(layer, fused, pool)``, a convolution or batch norm followed by
+        a ReLU as one step (the ReLU applied as the outputs are written, and its gradient in
         the layer's backward pass: no passes of its own over the activations; the same bits,
-        see ``ops.conv2d_forward``, ``ops.batchnorm_forward``). Layers run on their own (the
+        see ``ops.conv2d_forward``, ``ops.batchnorm_forward``), and a convolution + ReLU
+        followed by max pooling with the pooling layer in ``pool`` (each thread takes its
+        images through both: ``ops.conv2d_maxpool_forward``). Layers run on their own (the
         explorer's activation maps) still show each layer's own output."""
         steps, i, layers = [], 0, self.layers
         while i < len(layers):
@@ -165,8 +177,10 @@ class Sequential:
                 and i + 1 < len(layers)
                 and type(layers[i + 1]) is ReLU
             )
-            steps.append((layers[i], fused))
-            i += 2 if fused else 1
+            pool = _at(layers, i + 2) if fused and isinstance(layers[i], Conv2D) else None
+            pool = pool if type(pool) is MaxPool2D else None
+            steps.append((layers[i], fused, pool))
+            i += 1 + fused + (pool is not None)
         return steps
 
     def forward(self, x, training: bool = False) -> np.ndarray:
@@ -174,8 +188,13 @@ class Sequential:
         x = self._as_batch(x)
         steps = self._run_steps = self._steps()
         with ops.engine_threads():
-            for layer, fused in steps:
-                x = layer.forward(x, training, relu=True) if fused else layer.forward(x, training)
+            for layer, fused, pool in steps:
+                if pool is not None:
+                    x = layer.forward(x, training, relu=True, pool=pool)
+                elif fused:
+                    x = layer.forward(x, training, relu=True)
+                else:
+                    x = layer.forward(x, training)
         return x
 
     __call__ = forward
@@ -188,8 +207,8 @@ class Sequential:
         d = dlogits
         steps = getattr(self, "_run_steps", None) or self._steps()
         with ops.engine_threads():
-            for layer, _ in reversed(steps):
-                d = layer.backward(d)
+            for layer, _, pool in reversed(steps):
+                d = layer.backward(d) if pool is None else layer.backward(d, pool=pool)
         return d
 
     def predict_proba(self, x, batch_size: int | None = None) -> np.ndarray:

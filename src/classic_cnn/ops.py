@@ -454,15 +454,9 @@ def conv2d_forward(
     ow = output_size(wd, kw, stride, *pads[1])
     x = np.ascontiguousarray(x)
     if _direct(w, stride):
-        y = np.empty((n, oh, ow, cout), dtype=x.dtype)
-        bias = b if b is not None else np.zeros(cout, dtype=x.dtype)
-        (pt, pb), (pl, pr) = pads
-        wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_forward
-        size = y.size * kh * kw * cin
-        relu = bool(relu)
-        body = lambda s, e: kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout, relu)  # noqa: E731
-        _split(n, size, body, NS_PER_MAC_DIRECT)
-        return y, (x, w, b is not None, stride, pads, None, y if relu else None)
+        y, cache, body, ns = _direct_forward(x, w, b, pads, oh, ow, relu)
+        _split(n, ns, body, 1.0)
+        return y, cache
     # im2col × kernels, a few images at a time (see IM2COL_PIECE_BYTES); the pieces are dealt
     # out to the threads in turn, each with its own patch buffer
     patch, per = kh * kw * cin, oh * ow
@@ -491,6 +485,63 @@ def conv2d_forward(
     return y, (x, w, b is not None, stride, pads, "im2col", y if relu else None)
 
 
+def _direct_forward(x, w, b, pads, oh, ow, relu):
+    """The direct path's output, cache, ``body(s, e)`` computing images s..e, and its
+    estimated one-thread time in ns."""
+    n, kh, kw, cin, cout = x.shape[0], *w.shape
+    y = np.empty((n, oh, ow, cout), dtype=x.dtype)
+    bias = b if b is not None else np.zeros(cout, dtype=x.dtype)
+    (pt, pb), (pl, pr) = pads
+    wc, kern, relu = np.ascontiguousarray(w), _k().conv2d_s1_forward, bool(relu)
+
+    def body(s, e):
+        kern(x[s:e], wc, bias, pt, pb, pl, pr, y[s:e], 0, cout, relu)
+
+    cache = (x, w, b is not None, 1, pads, None, y if relu else None)
+    return y, cache, body, y.size * kh * kw * cin * NS_PER_MAC_DIRECT
+
+
+def _direct_backward(dy, cache, input_grad):
+    """The direct path's backward pass: ``(body(s, e), finish())`` where body computes the
+    gradients of images s..e from ``dy[s:e]`` (read when body runs, so it may be filled just
+    before) and finish returns ``(dx, dw, db)``; and the estimated one-thread time in ns."""
+    x, w, has_bias, _, pads, _, y = cache
+    kh, kw, cin, cout = w.shape
+    relu = y is not None
+    n = x.shape[0]
+    (pt, pb), (pl, pr) = pads
+    dw_parts = np.empty((n, kh, kw, cin, cout), dtype=x.dtype)
+    db_parts = np.empty((n, cout), dtype=x.dtype)
+    dx = np.empty(x.shape, dtype=x.dtype) if input_grad else np.empty((0, 0, 0, 0), x.dtype)
+    wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_backward
+
+    def body(s, e):
+        dxs = dx[s:e] if input_grad else dx
+        ys = y[s:e] if relu else dy[:0]
+        kern(
+            x[s:e],
+            wc,
+            dy[s:e],
+            ys,
+            relu,
+            pt,
+            pb,
+            pl,
+            pr,
+            dw_parts[s:e],
+            db_parts[s:e],
+            dxs,
+            input_grad,
+        )
+
+    def finish():  # per-image sums, added in image order (deterministic)
+        db = db_parts.sum(axis=0) if has_bias else None
+        return (dx if input_grad else None), dw_parts.sum(axis=0), db
+
+    ns = dy.size * kh * kw * cin * (2 if input_grad else 1) * NS_PER_MAC_DIRECT
+    return body, finish, ns
+
+
 def conv2d_backward(
     dy: np.ndarray, cache: tuple, input_grad: bool = True
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
@@ -508,35 +559,11 @@ def conv2d_backward(
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     relu = y is not None
     n = x.shape[0]
-    (pt, pb), (pl, pr) = pads
-    if path is None:  # the direct path: per-image sums, added in image order (deterministic)
-        dw_parts = np.empty((n, kh, kw, cin, cout), dtype=x.dtype)
-        db_parts = np.empty((n, cout), dtype=x.dtype)
-        dx = np.empty(x.shape, dtype=x.dtype) if input_grad else np.empty((0, 0, 0, 0), x.dtype)
-        wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_backward
-
-        def body(s, e):
-            dxs = dx[s:e] if input_grad else dx
-            kern(
-                x[s:e],
-                wc,
-                dy[s:e],
-                y[s:e] if relu else dy[:0],
-                relu,
-                pt,
-                pb,
-                pl,
-                pr,
-                dw_parts[s:e],
-                db_parts[s:e],
-                dxs,
-                input_grad,
-            )
-
-        _split(n, dy.size * kh * kw * cin * (2 if input_grad else 1), body, NS_PER_MAC_DIRECT)
-        dw = dw_parts.sum(axis=0)
-        db = db_parts.sum(axis=0) if has_bias else None
-        return (dx if input_grad else None), dw, db
+    pt, pl = pads[0][0], pads[1][0]
+    if path is None:  # the direct path
+        body, finish, ns = _direct_backward(dy, cache, input_grad)
+        _split(n, ns, body, 1.0)
+        return finish()
     if relu:  # the fused ReLU's gradient first
         dy = relu_backward(dy, y)
     # piece by piece, as the forward pass: the patches gathered again (cheaper than keeping
@@ -589,20 +616,27 @@ def maxpool2d_forward(
 
     Returns ``y`` of shape (N, H', W', C) and a cache ``(x_shape, argmax, pool_size, stride)``.
     """
+    x = np.ascontiguousarray(x)
+    y, cache, body, ns = _maxpool_forward(x, pool_size, stride)
+    _split(len(x), ns, body, 1.0)
+    return y, cache
+
+
+def _maxpool_forward(x, pool_size, stride):
+    """Max pooling's output, cache, ``body(s, e)`` pooling images s..e of x (read when body
+    runs), and its estimated one-thread time in ns."""
     ph, pw = pool_size
     n, h, w, c = x.shape
     oh, ow = output_size(h, ph, stride), output_size(w, pw, stride)
     y = np.empty((n, oh, ow, c), dtype=x.dtype)
     arg = np.empty((n, oh, ow, c), dtype=np.uint8 if ph * pw <= 256 else np.int32)
-    x = np.ascontiguousarray(x)
     if (ph, pw) == (2, 2):  # the common window has its own loop (see _kernels)
         kern2 = _k().maxpool2x2_forward
         body = lambda s, e: kern2(x[s:e], stride, y[s:e], arg[s:e])  # noqa: E731
     else:
         kern = _k().maxpool2d_forward
         body = lambda s, e: kern(x[s:e], ph, pw, stride, y[s:e], arg[s:e])  # noqa: E731
-    _split(n, y.size * ph * pw, body, NS_PER_POOL_TAP)
-    return y, (x.shape, arg, pool_size, stride)
+    return y, (x.shape, arg, pool_size, stride), body, y.size * ph * pw * NS_PER_POOL_TAP
 
 
 def maxpool2d_backward(dy: np.ndarray, cache: tuple) -> np.ndarray:
@@ -611,17 +645,65 @@ def maxpool2d_backward(dy: np.ndarray, cache: tuple) -> np.ndarray:
     The winner is the element equal to the window's maximum; on a tie, the first such element
     in row-major order inside the window (as ``np.argmax`` picks it) takes the whole gradient.
     """
+    dx, body = _maxpool_backward(np.ascontiguousarray(dy), cache)
+    _split(len(dy), dx.size, body)
+    return dx
+
+
+def _maxpool_backward(dy, cache):
+    """Max pooling's dx and ``body(s, e)`` filling images s..e of it."""
     x_shape, arg, (ph, pw), stride = cache
-    dy = np.ascontiguousarray(dy)
     if (ph, pw, stride) == (2, 2, 2):  # windows that tile the input: each dx written once
         dx = np.empty(x_shape, dtype=dy.dtype)
         kern2 = _k().maxpool2x2s2_backward
-        _split(len(dy), dx.size, lambda s, e: kern2(dy[s:e], arg[s:e], dx[s:e]))
-        return dx
+        return dx, lambda s, e: kern2(dy[s:e], arg[s:e], dx[s:e])
     dx = np.zeros(x_shape, dtype=dy.dtype)
     kern = _k().maxpool2d_backward
-    _split(len(dy), dx.size, lambda s, e: kern(dy[s:e], arg[s:e], pw, stride, dx[s:e]))
-    return dx
+    return dx, lambda s, e: kern(dy[s:e], arg[s:e], pw, stride, dx[s:e])
+
+
+def conv2d_maxpool_forward(x, w, b, stride, padding, relu, pool_size, pool_stride):
+    """:func:`conv2d_forward` (with ``relu``) then :func:`maxpool2d_forward` on its output:
+    the same numbers, returned as ``(pooled, conv_cache, pool_cache)``. On the direct path
+    each thread takes its images through both, so the pooling reads what its own core has
+    just written, and the work changes hands once instead of twice (measured: a handoff
+    costs 60-90 µs here, see :data:`PARALLEL_MIN_NS`)."""
+    n, h, wd, _ = x.shape
+    kh, kw = w.shape[:2]
+    if not _direct(w, stride):
+        y, conv_cache = conv2d_forward(x, w, b, stride, padding, relu=relu)
+        pooled, pool_cache = maxpool2d_forward(y, pool_size, pool_stride)
+        return pooled, conv_cache, pool_cache
+    pads = resolve_padding(padding, (h, wd), (kh, kw), stride)
+    oh = output_size(h, kh, stride, *pads[0])
+    ow = output_size(wd, kw, stride, *pads[1])
+    y, conv_cache, conv, ns = _direct_forward(np.ascontiguousarray(x), w, b, pads, oh, ow, relu)
+    pooled, pool_cache, pool, pool_ns = _maxpool_forward(y, pool_size, pool_stride)
+
+    def body(s, e):
+        conv(s, e)
+        pool(s, e)
+
+    _split(n, ns + pool_ns, body, 1.0)
+    return pooled, conv_cache, pool_cache
+
+
+def conv2d_maxpool_backward(dp, conv_cache, pool_cache, input_grad: bool = True):
+    """The gradients of :func:`conv2d_maxpool_forward`: ``(dx, dw, db)`` of the convolution,
+    from the pooled output's gradient ``dp``; on the direct path each thread takes its images
+    through both backward passes."""
+    dp = np.ascontiguousarray(dp, dtype=conv_cache[0].dtype)
+    if conv_cache[5] is not None:  # the im2col path
+        return conv2d_backward(maxpool2d_backward(dp, pool_cache), conv_cache, input_grad)
+    dy, pool = _maxpool_backward(dp, pool_cache)
+    conv, finish, ns = _direct_backward(dy, conv_cache, input_grad)
+
+    def body(s, e):
+        pool(s, e)
+        conv(s, e)
+
+    _split(len(dp), ns + dy.size * NS_PER_NUMBER, body, 1.0)
+    return finish()
 
 
 def avgpool2d_forward(
