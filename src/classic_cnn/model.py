@@ -232,21 +232,33 @@ class Sequential:
         """Logits at inference, as :meth:`forward` gives them, with every batch norm that follows
         a convolution folded into it: with running statistics the pair is one convolution of
         kernels ``w·s`` and biases ``(b − mean)·s + beta``, ``s = gamma / sqrt(var + eps)``
-        (the same numbers to rounding, one pass over the feature maps instead of two). The
+        (the same numbers to rounding, one pass over the feature maps instead of two); a
+        following ReLU and max pooling run in the same step, as in :meth:`forward`. The
         layers keep their own weights."""
         i, layers = 0, self.layers
         with ops.engine_threads():
             while i < len(layers):
-                layer = layers[i]
-                if isinstance(layer, Conv2D) and isinstance(_at(layers, i + 1), BatchNorm):
-                    relu = type(_at(layers, i + 2)) is ReLU
-                    w, b = _fold_batch_norm(layer, layers[i + 1])
-                    x = ops.conv2d_forward(x, w, b, layer.stride, layer.padding, relu=relu)[0]
-                    i += 3 if relu else 2
+                layer, j = layers[i], i + 1
+                if isinstance(layer, Conv2D):  # + batch norm, folded; + ReLU; + max pooling
+                    w, b = layer.params["kernel"], layer.params.get("bias")
+                    if isinstance(_at(layers, j), BatchNorm):
+                        w, b = _fold_batch_norm(layer, layers[j])
+                        j += 1
+                    relu = type(_at(layers, j)) is ReLU
+                    j += relu
+                    pool = _at(layers, j) if relu and type(_at(layers, j)) is MaxPool2D else None
+                    if pool is not None:
+                        x = ops.conv2d_maxpool_forward(
+                            x, w, b, layer.stride, layer.padding, relu, pool.pool_size, pool.stride
+                        )[0]
+                        j += 1
+                    else:
+                        x = ops.conv2d_forward(x, w, b, layer.stride, layer.padding, relu=relu)[0]
+                    i = j
                     continue
-                fused = isinstance(layer, (Conv2D, BatchNorm)) and type(_at(layers, i + 1)) is ReLU
+                fused = isinstance(layer, BatchNorm) and type(_at(layers, j)) is ReLU
                 x = layer.forward(x, False, relu=True) if fused else layer.forward(x, False)
-                i += 2 if fused else 1
+                i = j + fused
         return x
 
     def predict(self, x, batch_size: int | None = None) -> np.ndarray:
