@@ -94,7 +94,7 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1, relu):
         for c in range(c_in):
             src = xp[c]
             q = 0
-            while q + 4 <= nt:
+            while q + 4 <= nt and nt - q != 5:
                 s0, s1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
                 s2, s3 = (
                     src[offs[q + 2] : offs[q + 2] + span],
@@ -117,6 +117,32 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1, relu):
                     for t in range(span):
                         a[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t]
                 q += 4
+            if nt - q == 5:  # five taps left (5×5 and 3×3 kernels): one pass, not 4 + 1
+                s0, s1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
+                s2, s3 = (
+                    src[offs[q + 2] : offs[q + 2] + span],
+                    src[offs[q + 3] : offs[q + 3] + span],
+                )
+                s4 = src[offs[q + 4] : offs[q + 4] + span]
+                k = k0
+                while k + 2 <= k1:
+                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                    w4, v4 = wt[q + 4, c, k], wt[q + 4, c, k + 1]
+                    v0, v1 = wt[q, c, k + 1], wt[q + 1, c, k + 1]
+                    v2, v3 = wt[q + 2, c, k + 1], wt[q + 3, c, k + 1]
+                    a, a2 = acc[k - k0], acc[k + 1 - k0]
+                    for t in range(span):
+                        p0, p1, p2, p3, p4 = s0[t], s1[t], s2[t], s3[t], s4[t]
+                        a[t] += w0 * p0 + w1 * p1 + w2 * p2 + w3 * p3 + w4 * p4
+                        a2[t] += v0 * p0 + v1 * p1 + v2 * p2 + v3 * p3 + v4 * p4
+                    k += 2
+                if k < k1:
+                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                    w4 = wt[q + 4, c, k]
+                    a = acc[k - k0]
+                    for t in range(span):
+                        a[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t] + w4 * s4[t]
+                q += 5
             while q < nt:  # the last taps, one at a time
                 # slice first: an index from range() alone lets the loop vectorize
                 s = src[offs[q] : offs[q] + span]
