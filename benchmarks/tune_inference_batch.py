@@ -1,9 +1,10 @@
 """How many images per forward pass should ``predict_proba`` and ``evaluate`` use?
 
-Times ``model.predict_proba`` on 1,000 random images for each candidate piece size
-(``model.INFERENCE_BATCH``) and each benchmark network, interleaved (every size once per
-repeat, in a rotating order), and prints the median images per second of each with its
-min–max and the ratio to the current default. Run it on a quiet machine:
+Times ``model.predict_proba`` on 1,000 random images for each candidate piece size and
+each benchmark network (``Sequential.inference_batch`` is the current default of each),
+interleaved (every size once per repeat, in a rotating order), and prints the median
+images per second of each with its min–max and the ratio to the current default. Run it
+on a quiet machine:
 
     .venv/bin/python benchmarks/tune_inference_batch.py [--threads 2] [--repeats 5]
         [--sizes 32 64 128 256 1000] [--networks lenet5,tinyvgg,article,fashion]
@@ -17,7 +18,7 @@ import time
 
 import numpy as np
 
-from classic_cnn import model, presets
+from classic_cnn import presets
 
 
 def images_per_second(net, x, size, min_time):
@@ -41,12 +42,13 @@ def main(argv=None) -> int:
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=args.threads)  # the engine splits its work over as many
-    default = model.INFERENCE_BATCH
-    sizes = sorted(set(args.sizes) | {default})
     rng = np.random.default_rng(0)
-    print(f"threads {args.threads}, {args.repeats} repeats, current default {default}")
+    print(f"threads {args.threads}, {args.repeats} repeats")
     for name in args.networks.split(","):
         net = presets.build(name, seed=0)
+        default = net.inference_batch
+        sizes = sorted(set(args.sizes) | {default})
+        print(f"{name}: current default {default}")
         x = rng.random((1000, *net.input_shape), dtype=np.float32)
         for size in sizes:  # warm-up: compile, fault in the pages
             net.predict_proba(x[:size], batch_size=size)

@@ -146,25 +146,30 @@ def test_predict_proba_and_predict(rng):
 
 
 def test_inference_in_small_batches_by_default(rng, monkeypatch):
-    """predict_proba and evaluate run big inputs through the network in INFERENCE_BATCH-image
+    """predict_proba and evaluate run big inputs through the network in inference_batch-image
     pieces (a 1,000-image piece is 2-3x slower and needs gigabytes for the fashion preset),
     with every image's answer in its place."""
     from classic_cnn import metrics
     from classic_cnn import model as model_module
 
     model = lenet()
-    n = 2 * model_module.INFERENCE_BATCH + 5
+    piece = model.inference_batch  # the largest feature map, 28×28×6 float32, sets it
+    assert piece == min(model_module.INFERENCE_BATCH, model_module.INFERENCE_PIECE_BYTES // 18816)
+    assert lenet(dtype="float64").inference_batch == min(
+        model_module.INFERENCE_BATCH, model_module.INFERENCE_PIECE_BYTES // 37632
+    )
+    n = 2 * piece + 5
     x = rng.random((n, 28, 28, 1))
     sizes = []
     logits = model._inference_logits
     monkeypatch.setattr(model, "_inference_logits", lambda xb: sizes.append(len(xb)) or logits(xb))
     p = model.predict_proba(x)
-    assert max(sizes) == model_module.INFERENCE_BATCH and sum(sizes) == n
+    assert max(sizes) == piece and sum(sizes) == n
     np.testing.assert_allclose(p, model.predict_proba(x, batch_size=n), rtol=1e-5)
     sizes.clear()
     y = p.argmax(axis=1)
     assert metrics.evaluate(model, (x, y))["accuracy"] == 1.0
-    assert max(sizes) == model_module.INFERENCE_BATCH and sum(sizes) == n
+    assert max(sizes) == piece and sum(sizes) == n
 
 
 def conv_bn_net(use_bias: bool, relu: bool, dtype="float32", seed=0):

@@ -35,7 +35,7 @@ def evaluate(model, data, batch_size: int | None = None, loss=None, flip: bool =
     from .losses import CrossEntropyLoss
     from .model import INFERENCE_BATCH
 
-    batch_size = batch_size or INFERENCE_BATCH
+    batch_size = batch_size or getattr(model, "inference_batch", INFERENCE_BATCH)
     x, y = (data.images, data.labels) if hasattr(data, "images") else data
     y = np.asarray(y)
     loss = loss or CrossEntropyLoss()

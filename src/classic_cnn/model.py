@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import numpy as np
 
@@ -65,8 +66,16 @@ def expected_tensors(config: dict) -> dict[str, tuple[int, ...]]:
 #: ``benchmarks/tune_inference_batch.py`` (1,000 images through predict_proba, 2 threads, medians
 #: of 5), pieces of 256 against 64: LeNet-5 1.43×, the article's network 1.20×, the fashion
 #: preset 1.07×, TinyVGG 0.97× (within its spread); one piece of 1,000 ran the fashion preset
-#: at 0.41× and TinyVGG at 0.61×.
-INFERENCE_BATCH = 256
+#: at 0.41× and TinyVGG at 0.61×. The best size depends on the network, so a model takes as
+#: many images as keep its largest feature map within :data:`INFERENCE_PIECE_BYTES`, at most
+#: this many (:attr:`Sequential.inference_batch`). Measured again (same script's method,
+#: 1,000 images, 2 threads): LeNet-5 and the article's network run fastest in pieces of
+#: 512-1,000 (LeNet-5 16.3 ms against 18.2 for 256), TinyVGG in pieces of 64 (175 against
+#: 183 ms), the fashion preset in pieces of 128-256 (271 ms; 285 for 64, 341 for 1,000).
+INFERENCE_BATCH = 512
+#: the largest feature map of one piece of images (see :data:`INFERENCE_BATCH`): LeNet-5 and
+#: the article's network get 512 images, the fashion preset 125, TinyVGG 81
+INFERENCE_PIECE_BYTES = 12 << 20
 
 
 def _at(layers: list[Layer], i: int) -> Layer | None:
@@ -136,12 +145,23 @@ class Sequential:
 
     def _build(self):
         shape = self.input_shape
+        largest = math.prod(shape)
         for layer in self.layers:
             layer.build(shape, self.init_rng, self.dtype)
             if isinstance(layer, Dropout):
                 layer.rng = self.dropout_rng
             shape = layer.output_shape(shape)
+            largest = max(largest, math.prod(shape))
         self.output_shape = shape
+        self._largest_map = largest
+
+    @property
+    def inference_batch(self) -> int:
+        """Images per forward pass when predicting or evaluating: as many as keep the largest
+        feature map within :data:`INFERENCE_PIECE_BYTES`, between 16 and
+        :data:`INFERENCE_BATCH`."""
+        per_image = self._largest_map * np.dtype(self.dtype).itemsize
+        return max(16, min(INFERENCE_BATCH, INFERENCE_PIECE_BYTES // per_image))
 
     # -- computing --------------------------------------------------------------------------
     def _as_batch(self, x) -> np.ndarray:
@@ -213,15 +233,15 @@ class Sequential:
 
     def predict_proba(self, x, batch_size: int | None = None) -> np.ndarray:
         """Class probabilities (softmax of the logits), N×classes, computed in pieces of
-        ``batch_size`` images (default :data:`INFERENCE_BATCH`)."""
+        ``batch_size`` images (default :attr:`inference_batch`)."""
         z = self.predict_logits(x, batch_size)
         return z if self.ends_in_softmax or not len(z) else _softmax(z)
 
     def predict_logits(self, x, batch_size: int | None = None) -> np.ndarray:
         """The logits at inference, N×classes, computed in pieces of ``batch_size`` images
-        (default :data:`INFERENCE_BATCH`): :meth:`forward`'s numbers (to rounding: batch norm
+        (default :attr:`inference_batch`): :meth:`forward`'s numbers (to rounding: batch norm
         after a convolution is folded into it). For back-propagation use :meth:`forward`."""
-        batch_size = batch_size or INFERENCE_BATCH
+        batch_size = batch_size or self.inference_batch
         x = self._as_batch(x)
         out = [self._inference_logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
         if not out:
