@@ -103,9 +103,12 @@ def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, trai
 def test_fused_convolution_relu_gives_the_bits_of_the_two_layers(monkeypatch, threads):
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     calls = []
-    real = ops.conv2d_forward
+    real, real_pool = ops.conv2d_forward, ops.conv2d_maxpool_forward
     monkeypatch.setattr(
         ops, "conv2d_forward", lambda *a, **k: (calls.append(k.get("relu")), real(*a, **k))[1]
+    )
+    monkeypatch.setattr(  # conv + ReLU + pooling: the ReLU flag is its sixth argument
+        ops, "conv2d_maxpool_forward", lambda *a: (calls.append(a[5]), real_pool(*a))[1]
     )
     rng = np.random.default_rng(4)
     x = rng.normal(size=(3, 9, 9, 2)).astype(np.float32)

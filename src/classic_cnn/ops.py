@@ -447,8 +447,8 @@ def conv2d_forward(
     y : (N, H', W', C_out) with ``H' = 1 + (H + pad_top + pad_bottom - KH) // stride``
     cache : what :func:`conv2d_backward` needs
     """
-    n, h, wd, cin = x.shape
-    kh, kw, _, cout = w.shape
+    n, h, wd = x.shape[:3]
+    kh, kw = w.shape[:2]
     pads = resolve_padding(padding, (h, wd), (kh, kw), stride)
     oh = output_size(h, kh, stride, *pads[0])
     ow = output_size(wd, kw, stride, *pads[1])
@@ -457,11 +457,21 @@ def conv2d_forward(
         y, cache, body, ns = _direct_forward(x, w, b, pads, oh, ow, relu)
         _split(n, ns, body, 1.0)
         return y, cache
+    return _im2col_forward(x, w, b, stride, pads, oh, ow, relu)
+
+
+def _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after=None):
+    """The im2col path of :func:`conv2d_forward`. ``make_after(y)``, given the output
+    (N, H', W', C_out) before it is computed, returns ``after(s, e)``, run on the same thread
+    right after images s..e of y are written (the pooling that follows, in the cache)."""
+    n, cin = x.shape[0], x.shape[3]
+    kh, kw, _, cout = w.shape
     # im2col × kernels, a few images at a time (see IM2COL_PIECE_BYTES); the pieces are dealt
     # out to the threads in turn, each with its own patch buffer
     patch, per = kh * kw * cin, oh * ow
     wmat = np.ascontiguousarray(w).reshape(patch, cout)
     y = np.empty((n * per, cout), dtype=x.dtype)
+    after = make_after(y.reshape(n, oh, ow, cout)) if make_after else None
     step = _piece_images(n, per, patch, x.dtype, cout)
     starts = range(0, n, step)
     parts = _parts(len(starts), n * per * patch, _im2col_ns(cout))
@@ -479,6 +489,8 @@ def conv2d_forward(
                 bias_relu(out, b, relu)
             elif relu:
                 np.maximum(out, 0, out=out)
+            if after is not None:
+                after(s, e)
 
     _run(work, parts)
     y = y.reshape(n, oh, ow, cout)
@@ -554,33 +566,41 @@ def conv2d_backward(
     patch, ``dx_pad[n, i*s + di, j*s + dj, :] += w[di, dj] · dy[n, i, j, :]``; overlapping patches
     add up (the adjoint of im2col, "col2im").
     """
-    x, w, has_bias, stride, pads, path, y = cache
-    kh, kw, cin, cout = w.shape
+    x, path = cache[0], cache[5]
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
+    if path is None:  # the direct path
+        body, finish, ns = _direct_backward(dy, cache, input_grad)
+        _split(len(x), ns, body, 1.0)
+        return finish()
+    return _im2col_backward(dy, cache, input_grad)
+
+
+def _im2col_backward(dy, cache, input_grad, fill=None):
+    """The im2col path of :func:`conv2d_backward`. With ``fill``, dy is not filled yet:
+    ``fill(s, e)`` fills images s..e of it, on the thread that then uses them."""
+    x, w, has_bias, stride, pads, _, y = cache
+    kh, kw, cin, cout = w.shape
     relu = y is not None
     n = x.shape[0]
     pt, pl = pads[0][0], pads[1][0]
-    if path is None:  # the direct path
-        body, finish, ns = _direct_backward(dy, cache, input_grad)
-        _split(n, ns, body, 1.0)
-        return finish()
-    if relu:  # the fused ReLU's gradient first
-        dy = relu_backward(dy, y)
     # piece by piece, as the forward pass: the patches gathered again (cheaper than keeping
-    # the whole batch's), each piece's dw kept apart and the parts added in piece order (the
-    # same sums whatever the thread count), patch gradients added back into dx
+    # the whole batch's), each piece's dw and db kept apart and the parts added in piece order
+    # (the same sums whatever the thread count), patch gradients added back into dx; the fused
+    # ReLU's gradient taken piece by piece, into a buffer of its own
     oh, ow = dy.shape[1], dy.shape[2]
     patch, per = kh * kw * cin, oh * ow
     dy2 = dy.reshape(-1, cout)
+    dym = np.empty(dy2.shape, dtype=dy2.dtype) if relu else dy2
     wmat_t = np.ascontiguousarray(w).reshape(patch, cout).T
-    # a column sum as a product with ones: BLAS does it ~8× faster than ndarray.sum(axis=0)
-    db = np.ones(len(dy2), dtype=dy2.dtype) @ dy2 if has_bias else None
     dx = np.zeros(x.shape, dtype=x.dtype) if input_grad else None
     step = _piece_images(n, per, patch, x.dtype, cout)  # the forward pass's pieces
     starts = range(0, n, step)
     dw_parts = np.empty((len(starts), patch, cout), dtype=x.dtype)
+    db_parts = np.empty((len(starts), cout), dtype=x.dtype)
+    ones = np.ones(step * per, dtype=x.dtype)
     parts = _parts(len(starts), n * per * patch, _im2col_ns(cout, 2 if input_grad else 1))
-    col2im_kernel = _k().col2im
+    col2im_kernel, mask = _k().col2im, _k().relu_backward
+    yf = y.reshape(-1) if relu else None
 
     def work(t):
         cols = _workspace("cols", (step * per, patch), x.dtype)
@@ -589,7 +609,14 @@ def conv2d_backward(
             s = starts[i]
             e = min(n, s + step)
             piece = cols[: (e - s) * per]
-            dy_piece = dy2[s * per : e * per]
+            if fill is not None:
+                fill(s, e)
+            if relu:  # dy where the output was positive, 0 elsewhere
+                lo, hi = s * per * cout, e * per * cout
+                mask(dy2.reshape(-1)[lo:hi], yf[lo:hi], dym.reshape(-1)[lo:hi])
+            dy_piece = dym[s * per : e * per]
+            if has_bias:  # a column sum as a product with ones: ~8× faster than .sum(axis=0)
+                np.matmul(ones[: len(dy_piece)], dy_piece, out=db_parts[i])
             _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather=False)
             np.matmul(piece.T, dy_piece, out=dw_parts[i])
             if input_grad:
@@ -598,6 +625,7 @@ def conv2d_backward(
                 col2im_kernel(dpiece, kh, kw, stride, pt, pl, oh, ow, dx[s:e])
 
     _run(work, parts)
+    db = db_parts.sum(axis=0) if has_bias else None
     return dx, dw_parts.sum(axis=0).reshape(w.shape), db
 
 
@@ -670,13 +698,20 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, relu, pool_size, pool_strid
     costs 60-90 µs here, see :data:`PARALLEL_MIN_NS`)."""
     n, h, wd, _ = x.shape
     kh, kw = w.shape[:2]
-    if not _direct(w, stride):
-        y, conv_cache = conv2d_forward(x, w, b, stride, padding, relu=relu)
-        pooled, pool_cache = maxpool2d_forward(y, pool_size, pool_stride)
-        return pooled, conv_cache, pool_cache
     pads = resolve_padding(padding, (h, wd), (kh, kw), stride)
     oh = output_size(h, kh, stride, *pads[0])
     ow = output_size(wd, kw, stride, *pads[1])
+    if not _direct(w, stride):  # each piece pooled right after it is computed
+        pool = {}
+
+        def make_after(y):
+            pool["out"], pool["cache"], body, _ = _maxpool_forward(y, pool_size, pool_stride)
+            return body
+
+        y, conv_cache = _im2col_forward(
+            np.ascontiguousarray(x), w, b, stride, pads, oh, ow, relu, make_after
+        )
+        return pool["out"], conv_cache, pool["cache"]
     y, conv_cache, conv, ns = _direct_forward(np.ascontiguousarray(x), w, b, pads, oh, ow, relu)
     pooled, pool_cache, pool, pool_ns = _maxpool_forward(y, pool_size, pool_stride)
 
@@ -693,9 +728,9 @@ def conv2d_maxpool_backward(dp, conv_cache, pool_cache, input_grad: bool = True)
     from the pooled output's gradient ``dp``; on the direct path each thread takes its images
     through both backward passes."""
     dp = np.ascontiguousarray(dp, dtype=conv_cache[0].dtype)
-    if conv_cache[5] is not None:  # the im2col path
-        return conv2d_backward(maxpool2d_backward(dp, pool_cache), conv_cache, input_grad)
     dy, pool = _maxpool_backward(dp, pool_cache)
+    if conv_cache[5] is not None:  # the im2col path: each piece's gradient routed first
+        return _im2col_backward(dy, conv_cache, input_grad, fill=pool)
     conv, finish, ns = _direct_backward(dy, conv_cache, input_grad)
 
     def body(s, e):
