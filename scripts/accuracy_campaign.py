@@ -5,16 +5,16 @@ choose on the validation split only, and measure the test split once per finishe
     .venv/bin/python scripts/accuracy_campaign.py --loss mse --lr-grid 0.05 0.1 0.2 --seeds 0
 
 Each run: 5,000 training images held out for validation (stratified, seed-chosen), augmentation
-(random shifts of up to 2 pixels with padding, horizontal flips), SGD with Nesterov momentum 0.9
-(or cycled against the rate with ``--cycle-momentum``) and weight decay, a one-cycle learning
-rate stepped every batch, kernels initialised as the preset says (or with ``--init``). With
-``--lr-grid`` the learning rate is chosen per seed by validation accuracy after a short run of
-``--grid-epochs``, before the full run; ``--decay-times-lr`` then gives each rate tried the
-weight decay that keeps their product fixed. With ``--all-train`` (once the recipe has been
-chosen on the validation split) the runs train on all 60,000 training images and no validation
-accuracy is reported. Test accuracy is reported plain and with test-time flip averaging, separately.
-Results go to ``--out/results.json`` (with each run's per-epoch curves) and a table on stdout
-with the mean, best and worst seed and the wall time of each run.
+(random shifts of up to 2 pixels with padding, horizontal flips; with ``--erase``, random erasing),
+SGD with Nesterov momentum 0.9 (or cycled against the rate with ``--cycle-momentum``) and weight
+decay, a one-cycle learning rate stepped every batch, kernels initialised as the preset says (or
+with ``--init``). With ``--lr-grid`` the learning rate is chosen per seed by validation accuracy
+after a short run of ``--grid-epochs``, before the full run; ``--decay-times-lr`` then gives each
+rate tried the weight decay that keeps their product fixed. With ``--all-train`` (once the recipe
+has been chosen on the validation split) the runs train on all 60,000 training images and no
+validation accuracy is reported. Test accuracy is reported plain and with test-time flip averaging,
+separately. Results go to ``--out/results.json`` (with each run's per-epoch curves) and a table on
+stdout with the mean, best and worst seed and the wall time of each run.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def run_one(args, seed, lr, epochs, train, val, console):
         loss=loss,
         schedule=OneCycle(lr, total=steps, momentum_range=args.cycle_momentum),
         seed=seed,
-        augment=Augment(shift=args.shift, flip=not args.no_flip),
+        augment=Augment(shift=args.shift, flip=not args.no_flip, erase=args.erase),
         restore_best=False,
         console=console,
     )
@@ -95,6 +95,14 @@ def main() -> None:
     p.add_argument("--shift", type=int, default=2)
     p.add_argument("--no-flip", action="store_true")
     p.add_argument(
+        "--erase",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="random erasing: with probability P one box of each training image (2–40%% of its "
+        "area) is filled with random values (default 0: none)",
+    )
+    p.add_argument(
         "--init",
         default=None,
         choices=INITIALIZERS,
@@ -133,6 +141,8 @@ def main() -> None:
             f"not both. Received: --weight-decay {args.weight_decay:g} "
             f"--decay-times-lr {args.decay_times_lr:g}"
         )
+    if not 0.0 <= args.erase <= 1.0:
+        p.error(f"--erase must be a probability in [0, 1]. Received: {args.erase:g}")
     if args.decay_times_lr is not None and args.decay_times_lr <= 0:
         p.error(f"--decay-times-lr must be positive. Received: {args.decay_times_lr:g}")
     if args.threads:

@@ -80,3 +80,12 @@ def test_decay_times_lr_gives_each_rate_its_own_weight_decay(tmp_path):
     assert math.isclose(run["weight_decay"], 5e-5 / run["lr"])
     plain = json.loads(_run([*base, "--lr", "0.02"], out))["runs"][0]
     assert plain["weight_decay"] == 5e-4  # the default, whatever the rate
+
+
+def test_an_erasing_probability_outside_0_to_1_is_refused_before_any_training(tmp_path):
+    out = tmp_path / "erase"
+    cmd = [sys.executable, str(SCRIPT), "--erase", "1.5", "--out", str(out)]
+    bad = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert "--erase must be a probability in [0, 1]. Received: 1.5" in bad.stderr
+    assert not out.exists()

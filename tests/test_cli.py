@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import classic_cnn as cc
 from classic_cnn.cli import app
 from classic_cnn.data import write_idx
 
@@ -358,3 +359,19 @@ def test_test_plots_under_a_file(trained, data_env, under):
     assert str(target) in result.output and "afile is a file" in result.output
     assert (data_env / "afile").read_text() == "x"
     assert report.read_bytes() == before  # the run's report is not half-updated
+
+
+def test_random_erasing_is_an_option_recorded_in_the_model_file(data_env):
+    result = run(*TRAIN, "--epochs", "1", "--erase", "0.5", "--out", data_env / "erase")
+    assert result.exit_code == 0, result.output
+    model = cc.load(data_env / "erase" / "model.safetensors")
+    assert model.metadata["hyperparameters"]["augment"] == {
+        "shift": 0,
+        "flip": False,
+        "erase": 0.5,
+    }
+    assert "erasing 0.5" in (data_env / "erase" / "report.html").read_text()
+    bad = run(*TRAIN, "--erase", "1.5", "--out", data_env / "bad")
+    assert bad.exit_code == 2
+    assert "must be a probability in [0, 1]. Received: 1.5" in bad.output
+    assert not (data_env / "bad").exists()

@@ -98,6 +98,13 @@ def _positive(value: float | None) -> float | None:
     return value
 
 
+def _probability(value: float) -> float:
+    """A number in [0, 1]."""
+    if not 0.0 <= value <= 1.0:
+        raise typer.BadParameter(f"must be a probability in [0, 1]. Received: {value:g}")
+    return value
+
+
 def load_data(data: str, split: str, limit: int | None = None, classes=None):
     """A named dataset, a folder of IDX files, or a folder of class sub-folders of images."""
     from .data import sources
@@ -138,6 +145,14 @@ def train(
     augment: Annotated[
         bool, typer.Option(help="Random shifts of up to 2 pixels (and flips for photos).")
     ] = False,
+    erase: Annotated[
+        float,
+        typer.Option(
+            callback=_probability,
+            help="Random erasing: with this probability one box (2-40% of the image) of each "
+            "training image is filled with random values.",
+        ),
+    ] = 0.0,
     seed: Annotated[
         int, typer.Option(help="Seeds initialisation, split, shuffling, augmentation, dropout.")
     ] = 0,
@@ -192,6 +207,7 @@ def train(
         "optimizer": optimizer.value,
         "loss": loss.value,
         "augment": augment,
+        "erase": erase,
         "seed": seed,
         "val": val,
         "limit": limit,
@@ -230,7 +246,12 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
             f"{s['optimizer']} lr {s['base_lr']:g} (cosine decay), {s['loss']} loss; "
             f"run folder {out}"
         )
-        aug = Augment(shift=2, flip=full.background == "light") if s["augment"] else None
+        aug = Augment(
+            shift=2 if s["augment"] else 0,
+            flip=s["augment"] and full.background == "light",
+            erase=s.get("erase", 0.0),  # runs saved before random erasing have none
+        )
+        aug = aug or None
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / "checkpoint.safetensors"
         try:
@@ -291,7 +312,16 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
         "optimizer": f"{s['optimizer']}, lr {s['base_lr']:g}, cosine decay",
         "loss": s["loss"],
         "batch size": s["batch_size"],
-        "augment": "yes" if aug else "no",
+        "augment": ", ".join(
+            part
+            for part, on in (
+                ("shifts", aug and aug.shift),
+                ("flips", aug and aug.flip),
+                (f"erasing {aug.erase:g}" if aug else "", aug and aug.erase),
+            )
+            if on
+        )
+        or "no",
         "seed": s["seed"],
         "model file": str(path),
     }

@@ -113,11 +113,54 @@ def convert_images(images: np.ndarray, shape, background: str = "dark") -> np.nd
     return np.stack([to_input(img, (h, w), c) for img in images])
 
 
-def augment_batch(
-    images: np.ndarray, rng: np.random.Generator, shift: int = 0, flip: bool = False, fill: int = 0
+ERASE_SCALE = (0.02, 0.4)
+"""Random erasing: the share of the image one erased box covers, drawn uniformly."""
+ERASE_RATIO = (0.3, 1 / 0.3)
+"""Random erasing: the box's height / width, drawn log-uniformly."""
+ERASE_TRIES = 10
+
+
+def erase_boxes(
+    n: int, h: int, w: int, rng: np.random.Generator, p: float, tries: int = ERASE_TRIES
 ) -> np.ndarray:
-    """Random shifts of up to ``shift`` pixels (the edge filled with ``fill``) and random
-    horizontal flips (half the images), on a uint8 batch N×H×W×C. Returns a new array."""
+    """The boxes random erasing fills: (top, left, height, width) per image, all 0 where
+    nothing is erased.
+
+    Each image is erased with probability ``p``: up to ``tries`` boxes are drawn, with an area
+    of ``ERASE_SCALE`` times the image's and an aspect ``ERASE_RATIO``, and the first that fits
+    inside the image is placed uniformly among the positions where it fits (the image stays
+    whole if none fits)."""
+    boxes = np.zeros((n, 4), dtype=np.int64)
+    chosen = np.flatnonzero(rng.random(n) < p)
+    if len(chosen) == 0:
+        return boxes
+    area = rng.uniform(*ERASE_SCALE, size=(len(chosen), tries)) * (h * w)
+    aspect = np.exp(rng.uniform(*np.log(ERASE_RATIO), size=(len(chosen), tries)))
+    eh = np.rint(np.sqrt(area * aspect)).astype(np.int64)
+    ew = np.rint(np.sqrt(area / aspect)).astype(np.int64)
+    fits = (eh > 0) & (eh < h) & (ew > 0) & (ew < w)
+    first = fits.argmax(axis=1)
+    rows = np.arange(len(chosen))
+    ok = fits[rows, first]
+    eh, ew = eh[rows, first][ok], ew[rows, first][ok]
+    top = rng.integers(0, h - eh + 1)
+    left = rng.integers(0, w - ew + 1)
+    boxes[chosen[ok]] = np.stack([top, left, eh, ew], axis=1)
+    return boxes
+
+
+def augment_batch(
+    images: np.ndarray,
+    rng: np.random.Generator,
+    shift: int = 0,
+    flip: bool = False,
+    fill: int = 0,
+    erase: float = 0.0,
+) -> np.ndarray:
+    """Random shifts of up to ``shift`` pixels (the edge filled with ``fill``), random
+    horizontal flips (half the images), then random erasing: with probability ``erase`` one
+    box of each image (see :func:`erase_boxes`) is filled with random values 0–255, on a uint8
+    batch N×H×W×C. Returns a new array; with ``erase`` 0 nothing more is drawn from ``rng``."""
     n, h, w, _ = images.shape
     out = images.copy()
     if flip:
@@ -128,21 +171,37 @@ def augment_batch(
         offsets = rng.integers(0, 2 * shift + 1, size=(n, 2))
         for i, (dy, dx) in enumerate(offsets):
             out[i] = padded[i, dy : dy + h, dx : dx + w]
+    if erase:
+        top, left, eh, ew = erase_boxes(n, h, w, rng, erase).T[:, :, None]
+        r, col = np.arange(h), np.arange(w)
+        inside = ((r >= top) & (r < top + eh))[:, :, None] & ((col >= left) & (col < left + ew))[
+            :, None, :
+        ]
+        noise = rng.integers(0, 256, size=out.shape, dtype=np.uint8)
+        np.copyto(out, noise, where=inside[..., None])
     return out
 
 
 @dataclass
 class Augment:
-    """Opt-in augmentation: random shifts of up to ``shift`` pixels, horizontal flips."""
+    """Opt-in augmentation: random shifts of up to ``shift`` pixels, horizontal flips, and
+    random erasing of one box per image with probability ``erase``."""
 
     shift: int = 0
     flip: bool = False
+    erase: float = 0.0
+
+    def __post_init__(self):
+        e = self.erase
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0.0 <= e <= 1.0:
+            raise ValueError(f"erase must be a probability in [0, 1]. Received: erase={e!r}")
+        self.erase = float(e)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def __bool__(self):
-        return bool(self.shift or self.flip)
+        return bool(self.shift or self.flip or self.erase)
 
 
 def iterate_batches(
@@ -169,7 +228,9 @@ def iterate_batches(
         xb = x[idx] if rng is not None else x[start : start + batch_size]
         if xb.dtype == np.uint8:
             if augment:
-                xb = augment_batch(xb, augment_rng, augment.shift, augment.flip, fill)
+                xb = augment_batch(
+                    xb, augment_rng, augment.shift, augment.flip, fill, augment.erase
+                )
             if prep is not None:
                 xb = prep.apply(xb, dtype)
             else:
