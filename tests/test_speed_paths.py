@@ -132,20 +132,43 @@ def test_backward_reuses_the_patches_still_held_and_never_stale_ones(
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_dropout_gives_the_numbers_of_the_numpy_formula(monkeypatch, dtype, threads):
-    """One compiled pass (split over threads) instead of NumPy's three, with the same random
-    stream, mask and output bit for bit; a NaN stays NaN even where dropped."""
+def test_dropout_keeps_what_the_reference_hash_keeps(monkeypatch, dtype, threads):
+    """One compiled pass (split over threads): an element is kept where the reference's
+    counter hash of (key, index) says so, whatever the thread count; the backward pass
+    recomputes the same mask. A NaN stays NaN even where dropped, as ``x · 0`` does."""
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     x = np.random.default_rng(1).normal(size=(5, 7, 3, 4)).astype(dtype)
     x[0, 0, 0, :] = np.nan
+    dy = np.random.default_rng(2).normal(size=x.shape).astype(dtype)
     rate = 0.3
-    u = np.random.default_rng(9).random(x.shape, dtype=np.float64)
-    mask = (u >= rate).astype(dtype) * dtype(1.0 / (1.0 - rate))
+    key = int(np.random.default_rng(9).integers(0, 2**63))  # the one draw from the stream
+    mask = ref.dropout_keep(key, x.size, rate).reshape(x.shape).astype(dtype)
+    mask *= dtype(1.0 / (1.0 - rate))
     with ops.engine_threads(threads):
-        y, got = ops.dropout_forward(x, rate, np.random.default_rng(9), training=True)
-    np.testing.assert_array_equal(got, mask)
+        y, cache = ops.dropout_forward(x, rate, np.random.default_rng(9), training=True)
+        dx = ops.dropout_backward(dy, cache)
     np.testing.assert_array_equal(y, x * mask)
-    assert y.dtype == got.dtype == dtype and np.isnan(y[0, 0, 0]).all()
+    np.testing.assert_array_equal(dx, dy * mask)
+    assert y.dtype == dx.dtype == dtype and np.isnan(y[0, 0, 0]).all()
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_dropout_masks_keep_the_asked_share_without_pattern(rate):
+    """The counter hash behaves as independent coin flips: the kept share is 1 − rate within
+    5 binomial standard deviations, overall and in every position of a 7-element period,
+    neighbours are uncorrelated, and each call (a new key) draws a new mask."""
+    n = 700_000
+    rng = np.random.default_rng(5)
+    x = np.ones(n, dtype=np.float32)
+    kept = ops.dropout_forward(x, rate, rng, training=True)[0] > 0
+    sd = np.sqrt(rate * (1 - rate) / n)
+    assert abs(kept.mean() - (1 - rate)) < 5 * sd
+    for phase in kept.reshape(-1, 7).T:
+        assert abs(phase.mean() - (1 - rate)) < 5 * sd * np.sqrt(7)
+    k = kept.astype(np.float64)
+    assert abs(np.corrcoef(k[:-1], k[1:])[0, 1]) < 5 / np.sqrt(n)
+    again = ops.dropout_forward(x, rate, rng, training=True)[0] > 0
+    assert abs(np.corrcoef(k, again.astype(np.float64))[0, 1]) < 5 / np.sqrt(n)
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

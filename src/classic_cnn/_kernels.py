@@ -519,16 +519,27 @@ def fold_batch_norm(w, bias, has_bias, gamma, beta, mean, var, eps, w_out, b_out
             w_out[r, j] = w[r, j] * scale[j]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _splitmix64(z):
+    """The splitmix64 finaliser on a uint64 (``reference.splitmix64``)."""
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
 @njit(cache=True, nogil=True)
-def dropout_apply(x, u, rate, scale, y, mask):
-    """Inverted dropout's forward pass over flat arrays, in one pass: ``mask = scale`` where
-    the uniform number ``u ≥ rate``, else 0, and ``y = x·mask`` (the numbers of the NumPy
-    passes ``(u >= rate).astype(dtype) * scale`` and ``x * mask``)."""
+def dropout_hash(x, key, start, threshold, scale, y):
+    """Inverted dropout over the flat elements ``start …`` of an array (x and y hold them):
+    ``y = x·scale`` where element t's draw ``splitmix64(key + (t + 1)·γ) >> 32`` reaches
+    ``threshold`` (``reference.dropout_keep``), else ``y = x·0``. The forward pass runs it on
+    the input, the backward pass on the output's gradient: no mask is stored."""
     zero = np.zeros(1, dtype=y.dtype)[0]
+    gamma = np.uint64(0x9E3779B97F4A7C15)
+    base = np.uint64(key) + np.uint64(start + 1) * gamma
+    thr = np.uint64(threshold)
     for t in range(x.size):
-        m = scale if u[t] >= rate else zero
-        mask[t] = m
-        y[t] = x[t] * m
+        h = _splitmix64(base + np.uint64(t) * gamma)
+        y[t] = x[t] * (scale if (h >> np.uint64(32)) >= thr else zero)
 
 
 @njit(cache=True, nogil=True)

@@ -1063,23 +1063,31 @@ def sgd_momentum_step(p, g, v, lr, momentum, weight_decay, nesterov: bool) -> No
 
 def dropout_forward(x: np.ndarray, rate: float, rng: np.random.Generator, training: bool):
     """Inverted dropout: in training each element is zeroed with probability ``rate`` and the
-    survivors are scaled by ``1 / (1 − rate)``, so nothing changes at inference."""
+    survivors are scaled by ``1 / (1 − rate)``, so nothing changes at inference.
+
+    One number is drawn from ``rng`` per call, a key; each element's coin is a counter hash of
+    the key and its index (``reference.dropout_keep``), so the threads share the work, the
+    mask does not depend on their number, and the backward pass recomputes it instead of
+    storing it. Returns ``(y, cache)``."""
     if not training or rate == 0:
         return x, None
-    u = rng.random(x.shape, dtype=np.float64)  # the one serial part: a single random stream
+    key = int(rng.integers(0, 2**63))
     x = np.ascontiguousarray(x)
-    y, mask = np.empty(x.shape, dtype=x.dtype), np.empty(x.shape, dtype=x.dtype)
-    scale = x.dtype.type(1.0 / (1.0 - rate))
-    xf, uf, yf, mf, kern = (
-        x.reshape(-1),
-        u.reshape(-1),
-        y.reshape(-1),
-        mask.reshape(-1),
-        _k().dropout_apply,
-    )
-    _split(len(xf), xf.size, lambda s, e: kern(xf[s:e], uf[s:e], rate, scale, yf[s:e], mf[s:e]))
-    return y, mask
+    cache = (key, int(np.ceil(rate * 2.0**32)), x.dtype.type(1.0 / (1.0 - rate)), x.dtype)
+    return _dropout_pass(x, cache), cache
 
 
-def dropout_backward(dy: np.ndarray, mask):
-    return dy if mask is None else dy * mask
+def dropout_backward(dy: np.ndarray, cache):
+    """The gradient through dropout: dy where the forward pass kept an element, times its
+    scale; 0 elsewhere (the mask recomputed from the cache's key)."""
+    if cache is None:
+        return dy
+    return _dropout_pass(np.ascontiguousarray(dy, dtype=cache[3]), cache)
+
+
+def _dropout_pass(x: np.ndarray, cache) -> np.ndarray:
+    key, threshold, scale, _ = cache
+    y = np.empty(x.shape, dtype=x.dtype)
+    xf, yf, kern = x.reshape(-1), y.reshape(-1), _k().dropout_hash
+    _split(len(xf), xf.size, lambda s, e: kern(xf[s:e], key, s, threshold, scale, yf[s:e]))
+    return y

@@ -3,7 +3,8 @@
 A kernel slides over the (padded) input; at each position it multiplies element-wise with the
 patch under it and sums the products into one number of the feature map. These loops are slow
 on purpose: they are the definition. The fast functions in ``ops.py`` are held to them by the
-tests, and the explain pictures use them to show the arithmetic of a single number.
+tests, and the explain pictures use them to show the arithmetic of a single number. Dropout's
+mask is defined here too, as NumPy arithmetic on counters.
 """
 
 from __future__ import annotations
@@ -123,3 +124,32 @@ def avgpool2d_backward(dy, x, pool_size, stride):
             img, i, j, ch
         ] / (ph * pw)
     return dx
+
+
+SPLITMIX_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+
+
+def splitmix64(z: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser (Steele, Lea and Flood 2014) on uint64 counters: a bijection
+    whose outputs behave as independent uniform 64-bit numbers."""
+    z = z.astype(np.uint64)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def dropout_keep(key: int, size: int, rate: float) -> np.ndarray:
+    """Which of ``size`` elements dropout keeps for one draw ``key``: element t draws the
+    uniform number u = (splitmix64(key + (t + 1)·γ) >> 32) / 2³² (the splitmix64 stream seeded
+    with ``key``), and is kept where u ≥ rate, i.e. where the 32 high bits reach
+    ``dropout_threshold(rate)``. Every element's draw depends on its index alone, so any thread
+    can compute any part of the mask, in the forward pass and again in the backward pass."""
+    with np.errstate(over="ignore"):
+        t = np.arange(1, size + 1, dtype=np.uint64)
+        h = splitmix64(np.uint64(key) + t * SPLITMIX_GAMMA)
+    return (h >> np.uint64(32)) >= dropout_threshold(rate)
+
+
+def dropout_threshold(rate: float) -> np.uint64:
+    """The least 32-bit draw that dropout keeps: ⌈rate·2³²⌉."""
+    return np.uint64(np.ceil(rate * 2.0**32))
