@@ -281,6 +281,24 @@ def test_batchnorm_matches_plain_numpy(rng, dtype, tol, shape, training):
         assert got.dtype == dtype and rel_error(got, want) < tol
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batchnorm_statistics_over_many_blocks_keep_full_precision(monkeypatch, threads):
+    """Far from zero (mean 1e4, spread 1) the batch variance over several blocks of rows still
+    has float64's precision: the blocks' sums are combined without cancellation (a one-pass
+    Σx² − (Σx)²/m would be off by about 1e-7 here)."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    rng = np.random.default_rng(3)
+    m = 3 * ops.BLOCK_ROWS + 17
+    x = 1e4 + rng.normal(size=(m, 4))
+    rm, rv = np.zeros(4), np.zeros(4)
+    with ops.engine_threads(threads):
+        y, _ = ops.batchnorm_forward(x, np.ones(4), np.zeros(4), rm, rv, True, 1.0, 1e-5)
+    np.testing.assert_allclose(rm, x.mean(axis=0), rtol=1e-13, atol=0)
+    np.testing.assert_allclose(rv, x.var(axis=0, ddof=1), rtol=1e-12, atol=0)
+    want = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=0, atol=1e-10)
+
+
 _MALLOC_PROBE = """
 import ctypes, json
 import numpy as np

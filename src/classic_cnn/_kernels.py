@@ -565,85 +565,91 @@ def relu_backward(dy, y, dx):
 
 
 @njit(cache=True, nogil=True)
-def channel_block_sums(x, center, rows, out):
-    """Per block of ``rows`` rows of x (M, C), per channel: Σ x (``center`` None) or
-    Σ (x − center)², float64 sums, into out (blocks, C). Summing fixed blocks, then the blocks
-    in order, gives the same numbers however the blocks are shared among threads."""
+def channel_block_moments(x, rows, sums, m2):
+    """Per block of ``rows`` rows of x (M, C), per channel: Σ x into sums and Σ (x − block
+    mean)² into m2 (blocks, C), float64. The block's second pass reads it from the cache, not
+    from memory; combining fixed blocks in order gives the same numbers however the blocks are
+    shared among threads."""
     m, c = x.shape
-    for b in range(out.shape[0]):
+    for b in range(sums.shape[0]):
+        lo, hi = b * rows, min(m, (b + 1) * rows)
         s = np.zeros(c)
-        for r in range(b * rows, min(m, (b + 1) * rows)):
+        for r in range(lo, hi):
             row = x[r]
-            if center is None:
-                for k in range(c):
-                    s[k] += row[k]
-            else:
-                for k in range(c):
-                    d = row[k] - center[k]
-                    s[k] += d * d
-        out[b] = s
+            for k in range(c):
+                s[k] += row[k]
+        mean = s / (hi - lo)
+        q = np.zeros(c)
+        for r in range(lo, hi):
+            row = x[r]
+            for k in range(c):
+                d = row[k] - mean[k]
+                q[k] += d * d
+        sums[b] = s
+        m2[b] = q
 
 
 @njit(cache=True, nogil=True)
-def batchnorm_apply(x, mean, inv_std, gamma, beta, xhat, y, relu):
-    """``xhat = (x − mean)·inv_std``, ``y = xhat·gamma + beta`` in one pass over x (M, C); with
-    ``relu``, the ReLU that follows in the same pass: ``y = 0`` where ``y < 0`` (a NaN stays
-    NaN, as ``np.maximum`` keeps it)."""
+def batchnorm_apply(x, mean, inv_std, gamma, beta, y, relu):
+    """``y = xhat·gamma + beta`` with ``xhat = (x − mean)·inv_std``, in one pass over x (M, C);
+    with ``relu``, the ReLU that follows in the same pass: ``y = 0`` where ``y < 0`` (a NaN
+    stays NaN, as ``np.maximum`` keeps it). xhat is not stored: the backward pass recomputes
+    it with the same arithmetic."""
     m, c = x.shape
     zero = np.zeros(1, dtype=x.dtype)[0]
     for r in range(m):
-        xr, hr, yr = x[r], xhat[r], y[r]
+        xr, yr = x[r], y[r]
         if relu:
             for k in range(c):
-                h = (xr[k] - mean[k]) * inv_std[k]
-                hr[k] = h
-                v = h * gamma[k] + beta[k]
+                v = (xr[k] - mean[k]) * inv_std[k] * gamma[k] + beta[k]
                 yr[k] = zero if v < zero else v
         else:
             for k in range(c):
-                h = (xr[k] - mean[k]) * inv_std[k]
-                hr[k] = h
-                yr[k] = h * gamma[k] + beta[k]
+                yr[k] = (xr[k] - mean[k]) * inv_std[k] * gamma[k] + beta[k]
 
 
 @njit(cache=True, nogil=True)
-def batchnorm_grad_sums(dy, xhat, gamma, beta, relu, rows, sb, sg):
+def batchnorm_grad_sums(dy, x, mean, inv_std, gamma, beta, relu, rows, sb, sg):
     """Per block of ``rows`` rows of (M, C) arrays, per channel: ``Σ dy`` into sb and
-    ``Σ dy·xhat`` into sg (blocks, C), float64 sums. With ``relu`` (batch norm fused with the
-    ReLU after it), dy counts only where the forward pass's ``xhat·gamma + beta > 0``: the
-    ReLU's gradient, recomputed with the forward pass's very arithmetic instead of stored."""
+    ``Σ dy·xhat`` into sg (blocks, C), float64 sums, with ``xhat = (x − mean)·inv_std``
+    recomputed as the forward pass computed it. With ``relu`` (batch norm fused with the ReLU
+    after it), dy counts only where the forward pass's ``xhat·gamma + beta > 0``: the ReLU's
+    gradient, recomputed with the forward pass's very arithmetic instead of stored."""
     m, c = dy.shape
     zero = np.zeros(1, dtype=dy.dtype)[0]
     for b in range(sb.shape[0]):
         s1 = np.zeros(c)
         s2 = np.zeros(c)
         for r in range(b * rows, min(m, (b + 1) * rows)):
-            dr, hr = dy[r], xhat[r]
+            dr, xr = dy[r], x[r]
             if relu:
                 for k in range(c):
-                    d = dr[k] if hr[k] * gamma[k] + beta[k] > zero else zero
+                    h = (xr[k] - mean[k]) * inv_std[k]
+                    d = dr[k] if h * gamma[k] + beta[k] > zero else zero
                     s1[k] += d
-                    s2[k] += d * hr[k]
+                    s2[k] += d * h
             else:
                 for k in range(c):
                     s1[k] += dr[k]
-                    s2[k] += dr[k] * hr[k]
+                    s2[k] += dr[k] * ((xr[k] - mean[k]) * inv_std[k])
         sb[b] = s1
         sg[b] = s2
 
 
 @njit(cache=True, nogil=True)
-def batchnorm_dx(dy, xhat, gamma, beta, relu, scale, shift, slope, dx):
-    """``dx = scale·dy − shift − xhat·slope`` per channel, one pass over (M, C); with ``relu``,
-    dy masked as in :func:`batchnorm_grad_sums`."""
+def batchnorm_dx(dy, x, mean, inv_std, gamma, beta, relu, scale, shift, slope, dx):
+    """``dx = scale·dy − shift − xhat·slope`` per channel, one pass over (M, C), xhat
+    recomputed as in :func:`batchnorm_grad_sums`; with ``relu``, dy masked as there."""
     m, c = dy.shape
     zero = np.zeros(1, dtype=dy.dtype)[0]
     for r in range(m):
-        dr, hr, out = dy[r], xhat[r], dx[r]
+        dr, xr, out = dy[r], x[r], dx[r]
         if relu:
             for k in range(c):
-                d = dr[k] if hr[k] * gamma[k] + beta[k] > zero else zero
-                out[k] = scale[k] * d - shift[k] - hr[k] * slope[k]
+                h = (xr[k] - mean[k]) * inv_std[k]
+                d = dr[k] if h * gamma[k] + beta[k] > zero else zero
+                out[k] = scale[k] * d - shift[k] - h * slope[k]
         else:
             for k in range(c):
-                out[k] = scale[k] * dr[k] - shift[k] - hr[k] * slope[k]
+                h = (xr[k] - mean[k]) * inv_std[k]
+                out[k] = scale[k] * dr[k] - shift[k] - h * slope[k]

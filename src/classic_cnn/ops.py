@@ -905,17 +905,24 @@ def softmax_backward(dy, y):
 BLOCK_ROWS = 2048
 
 
-def _block_sums(x2: np.ndarray, center) -> np.ndarray:
-    """Per-channel Σ x (``center`` None) or Σ (x − center)² of x2 (M, C), float64."""
-    blocks = -(-len(x2) // BLOCK_ROWS)
-    out = np.empty((blocks, x2.shape[1]))
-    kern = _k().channel_block_sums
+def _channel_moments(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and biased variance of x2 (M, C), float64, in one pass over memory:
+    each block of ``BLOCK_ROWS`` rows is summed and then centred on its own mean while it is in
+    the cache, and the blocks are combined exactly (Chan, Golub and LeVeque):
+    ``M2 = Σ M2_b + Σ n_b·(mean_b − mean)²``, so there is no cancellation."""
+    m = len(x2)
+    blocks = -(-m // BLOCK_ROWS)
+    sums, m2 = np.empty((blocks, x2.shape[1])), np.empty((blocks, x2.shape[1]))
+    kern = _k().channel_block_moments
     _split(
         blocks,
         x2.size,
-        lambda s, e: kern(x2[s * BLOCK_ROWS : e * BLOCK_ROWS], center, BLOCK_ROWS, out[s:e]),
+        lambda s, e: kern(x2[s * BLOCK_ROWS : e * BLOCK_ROWS], BLOCK_ROWS, sums[s:e], m2[s:e]),
     )
-    return out.sum(axis=0)
+    counts = np.minimum(BLOCK_ROWS, m - BLOCK_ROWS * np.arange(blocks))[:, None]
+    mean = sums.sum(axis=0) / m
+    spread = (counts * (sums / counts - mean) ** 2).sum(axis=0)
+    return mean, (m2.sum(axis=0) + spread) / m
 
 
 def batchnorm_forward(
@@ -940,14 +947,12 @@ def batchnorm_forward(
     pair): y is then ``max(y, 0)``, and :func:`batchnorm_backward` takes the gradient through
     both, bit for bit what the two layers give one after the other.
     """
-    axes = tuple(range(x.ndim - 1))
     dt = x.dtype
     c = x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, c)
     if training:
         m = len(x2)
-        mean64 = _block_sums(x2, None) / m  # float64 sums, whatever x's dtype
-        var64 = _block_sums(x2, mean64) / m  # two passes: no cancellation
+        mean64, var64 = _channel_moments(x2)  # float64, whatever x's dtype
         mean, var = mean64.astype(dt), var64.astype(dt)
         unbiased = var * (m / max(m - 1, 1))
         running_mean *= 1 - momentum
@@ -955,22 +960,15 @@ def batchnorm_forward(
         running_var *= 1 - momentum
         running_var += momentum * unbiased
     else:
-        mean, var = running_mean.astype(dt, copy=False), running_var
+        mean, var = running_mean.astype(dt), running_var  # a copy: the cache keeps it
     inv_std = (1.0 / np.sqrt(var + eps)).astype(dt, copy=False)
-    xhat = np.empty(x.shape, dtype=dt)
     y = np.empty(x.shape, dtype=dt)
     # one compiled pass instead of NumPy's five (x − mean, ·inv_std, ·gamma, + beta, temporaries)
-    g, bt, xh2, y2 = (
-        gamma.astype(dt, copy=False),
-        beta.astype(dt, copy=False),
-        xhat.reshape(-1, c),
-        y.reshape(-1, c),
-    )
+    g, bt, y2 = gamma.astype(dt, copy=False), beta.astype(dt, copy=False), y.reshape(-1, c)
     kern, relu = _k().batchnorm_apply, bool(relu)
-    _split(
-        len(x2), x2.size, lambda s, e: kern(x2[s:e], mean, inv_std, g, bt, xh2[s:e], y2[s:e], relu)
-    )
-    return y, (xhat, gamma, inv_std, training, axes, (g, bt) if relu else None)
+    _split(len(x2), x2.size, lambda s, e: kern(x2[s:e], mean, inv_std, g, bt, y2[s:e], relu))
+    # x itself is kept, not xhat: the backward pass recomputes xhat (one array less written)
+    return y, (x2, mean, gamma, inv_std, training, x.shape, (g, bt) if relu else None)
 
 
 def fold_batch_norm(
@@ -1013,13 +1011,12 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
     ``dx = inv_std · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))`` with ``dxhat = dy ·
     gamma``; written per channel as ``dx = scale·dy − shift − xhat·slope`` (one compiled pass).
     """
-    xhat, gamma, inv_std, training, _, fused = cache
-    dt = xhat.dtype
+    x2, mean, gamma, inv_std, training, shape, fused = cache
+    dt = x2.dtype
     relu = fused is not None
     g, bt = fused if relu else (gamma, gamma)  # the forward pass's gamma, beta (cast to dt)
-    c = xhat.shape[-1]
+    c = x2.shape[-1]
     dy2 = np.ascontiguousarray(dy, dtype=dt).reshape(-1, c)
-    xh2 = xhat.reshape(-1, c)
     blocks = -(-len(dy2) // BLOCK_ROWS)
     sb, sg = np.empty((blocks, c)), np.empty((blocks, c))
     kern = _k().batchnorm_grad_sums
@@ -1028,7 +1025,9 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
         dy2.size,
         lambda s, e: kern(
             dy2[s * BLOCK_ROWS : e * BLOCK_ROWS],
-            xh2[s * BLOCK_ROWS : e * BLOCK_ROWS],
+            x2[s * BLOCK_ROWS : e * BLOCK_ROWS],
+            mean,
+            inv_std,
             g,
             bt,
             relu,
@@ -1045,12 +1044,14 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
         slope = (scale * dgamma / m).astype(dt, copy=False)
     else:
         shift = slope = np.zeros(c, dtype=dt)
-    dx = np.empty(xhat.shape, dtype=dt)
+    dx = np.empty(shape, dtype=dt)
     dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
     _split(
         len(dy2),
         dy2.size,
-        lambda s, e: kern(dy2[s:e], xh2[s:e], g, bt, relu, scale, shift, slope, dx2[s:e]),
+        lambda s, e: kern(
+            dy2[s:e], x2[s:e], mean, inv_std, g, bt, relu, scale, shift, slope, dx2[s:e]
+        ),
     )
     return dx, dgamma, dbeta
 
