@@ -70,9 +70,12 @@ def _one_by_one(model, x, y, training):
 def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, training, threads):
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     calls = []
-    real = ops.batchnorm_forward
+    real, real_pool = ops.batchnorm_forward, ops.batchnorm_maxpool_forward
     monkeypatch.setattr(
         ops, "batchnorm_forward", lambda *a, **k: (calls.append(k.get("relu")), real(*a, **k))[1]
+    )
+    monkeypatch.setattr(  # batch norm + ReLU + max pooling: the ReLU goes without saying
+        ops, "batchnorm_maxpool_forward", lambda *a: (calls.append("pool"), real_pool(*a))[1]
     )
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
@@ -84,7 +87,7 @@ def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, trai
     calls.clear()
     loss = CrossEntropyLoss()
     z = b.forward(x, training)
-    assert calls == [True] * 3  # every batch norm ran fused with its ReLU
+    assert calls == ["pool", True, True]  # every batch norm ran fused with its ReLU
     value = loss.forward(z, y)
     d = b.backward(loss.backward())
     np.testing.assert_array_equal(z, want[0])
@@ -216,5 +219,67 @@ def test_convolution_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
     for name, g in want[3].items():
         np.testing.assert_array_equal(b.gradients()[name], g, err_msg=name)
     for la, lb in zip(a.layers, b.layers, strict=True):
+        if isinstance(la, MaxPool2D):
+            np.testing.assert_array_equal(la._cache[1], lb._cache[1])  # the winners
+
+
+def _bn_pool_net(pool, stride, seed=0):
+    """Convolution, batch norm + ReLU + max pooling twice (the fashion preset's blocks)."""
+    return Sequential(
+        [
+            Conv2D(6, 3, padding="same", use_bias=False),
+            BatchNorm(),
+            ReLU(),
+            MaxPool2D(pool, stride),
+            Conv2D(5, 3, use_bias=False),
+            BatchNorm(),
+            ReLU(),
+            MaxPool2D(pool, stride),
+            Flatten(),
+            Dense(3),
+        ],
+        (13, 12, 2),
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("pool,stride", [(2, 2), (2, 1), (3, 2)])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("block_bytes", [1 << 20, 1])
+def test_batch_norm_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
+    monkeypatch, pool, stride, threads, block_bytes
+):
+    """Sequential runs batch norm + ReLU + max pooling as one step (each thread normalises a
+    few images into a buffer of its own and pools them from there; backward, it routes the
+    pooled gradient into that buffer twice, for the sums and for dx): the forward output,
+    running statistics, loss, dx, every gradient and the pooling winners are the very
+    numbers of the layers run one by one, with one block of images and with several."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "BLOCK_BYTES", block_bytes)  # 1: one image per block
+    calls = []
+    real = ops.batchnorm_maxpool_forward
+    monkeypatch.setattr(
+        ops, "batchnorm_maxpool_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    )
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5, 13, 12, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=5)
+    a, b = _bn_pool_net(pool, stride), _bn_pool_net(pool, stride)
+    loss = CrossEntropyLoss()
+    with ops.engine_threads(threads):
+        want = _one_by_one(a, x, y, True)
+        assert calls == []
+        z = b.forward(x, True)
+        assert len(calls) == 2  # both triples fused
+        value = loss.forward(z, y)
+        d = b.backward(loss.backward())
+    np.testing.assert_array_equal(z, want[0])
+    assert value == want[1]
+    np.testing.assert_array_equal(d, want[2])
+    for name, g in want[3].items():
+        np.testing.assert_array_equal(b.gradients()[name], g, err_msg=name)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for name, buf in la.buffers.items():
+            np.testing.assert_array_equal(lb.buffers[name], buf, err_msg=name)
         if isinstance(la, MaxPool2D):
             np.testing.assert_array_equal(la._cache[1], lb._cache[1])  # the winners

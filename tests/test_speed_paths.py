@@ -3,6 +3,7 @@ bit-identical training steps, and numba kept out of start-up."""
 
 from __future__ import annotations
 
+import math
 import subprocess
 import sys
 
@@ -288,15 +289,17 @@ def test_batchnorm_statistics_over_many_blocks_keep_full_precision(monkeypatch, 
     Σx² − (Σx)²/m would be off by about 1e-7 here)."""
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     rng = np.random.default_rng(3)
-    m = 3 * ops.BLOCK_ROWS + 17
+    m = 3 * ops._block_rows((1, 4), 8) + 17
     x = 1e4 + rng.normal(size=(m, 4))
     rm, rv = np.zeros(4), np.zeros(4)
     with ops.engine_threads(threads):
         y, _ = ops.batchnorm_forward(x, np.ones(4), np.zeros(4), rm, rv, True, 1.0, 1e-5)
-    np.testing.assert_allclose(rm, x.mean(axis=0), rtol=1e-13, atol=0)
-    np.testing.assert_allclose(rv, x.var(axis=0, ddof=1), rtol=1e-12, atol=0)
-    want = (x - x.mean(axis=0)) / np.sqrt(x.var(axis=0) + 1e-5)
-    np.testing.assert_allclose(y, want, rtol=0, atol=1e-10)
+    # exact sums (NumPy's along axis 0 add row after row and are off by about 1e-14 here)
+    mean = np.array([math.fsum(col) / m for col in x.T])
+    var = np.array([math.fsum((col - mu) ** 2) / m for col, mu in zip(x.T, mean, strict=True)])
+    np.testing.assert_allclose(rm, mean, rtol=1e-15, atol=0)
+    np.testing.assert_allclose(rv, var * m / (m - 1), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=0, atol=1e-11)
 
 
 _MALLOC_PROBE = """

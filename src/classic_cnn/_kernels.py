@@ -568,8 +568,10 @@ def relu_backward(dy, y, dx):
 def channel_block_moments(x, rows, sums, m2):
     """Per block of ``rows`` rows of x (M, C), per channel: Σ x into sums and Σ (x − block
     mean)² into m2 (blocks, C), float64. The block's second pass reads it from the cache, not
-    from memory; combining fixed blocks in order gives the same numbers however the blocks are
-    shared among threads."""
+    from memory, and corrects both with the residual r = Σ (x − block mean) (the corrected
+    two-pass algorithm: sum + r, and M2 − r²/n), so their precision does not depend on the
+    block's length. Combining fixed blocks in order gives the same numbers however the
+    blocks are shared among threads."""
     m, c = x.shape
     for b in range(sums.shape[0]):
         lo, hi = b * rows, min(m, (b + 1) * rows)
@@ -580,13 +582,15 @@ def channel_block_moments(x, rows, sums, m2):
                 s[k] += row[k]
         mean = s / (hi - lo)
         q = np.zeros(c)
+        res = np.zeros(c)
         for r in range(lo, hi):
             row = x[r]
             for k in range(c):
                 d = row[k] - mean[k]
                 q[k] += d * d
-        sums[b] = s
-        m2[b] = q
+                res[k] += d
+        sums[b] = s + res
+        m2[b] = q - res * res / (hi - lo)
 
 
 @njit(cache=True, nogil=True)

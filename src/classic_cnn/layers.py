@@ -519,11 +519,13 @@ class BatchNorm(Layer):
         self.buffers["running_mean"] = np.zeros(c, dtype=dtype)
         self.buffers["running_var"] = np.ones(c, dtype=dtype)
 
-    def forward(self, x, training=False, relu=False):
+    def forward(self, x, training=False, relu=False, pool=None):
         """``relu=True``: also apply the ReLU that follows, in the same pass (``Sequential``
-        does so; :meth:`backward` then takes the gradient through both)."""
+        does so; :meth:`backward` then takes the gradient through both). ``pool``: the
+        :class:`MaxPool2D` layer after that ReLU, run in the same step (its own cache filled
+        as its forward pass fills it); the pooled output is returned."""
         self._check_input(x)
-        y, self._cache = ops.batchnorm_forward(
+        args = (
             x,
             self.params["gamma"],
             self.params["beta"],
@@ -532,12 +534,25 @@ class BatchNorm(Layer):
             training,
             self.momentum,
             self.eps,
-            **({"relu": True} if relu else {}),
         )
+        if pool is not None:
+            y, self._cache, pool._cache = ops.batchnorm_maxpool_forward(
+                *args, pool.pool_size, pool.stride
+            )
+            return y
+        y, self._cache = ops.batchnorm_forward(*args, **({"relu": True} if relu else {}))
         return y
 
-    def backward(self, dy):
-        dx, self.grads["gamma"], self.grads["beta"] = ops.batchnorm_backward(dy, self._need_cache())
+    def backward(self, dy, pool=None):
+        """``pool``: the pooling layer run in the same forward step; dy is then the gradient
+        of its output."""
+        if pool is not None:
+            dx, dgamma, dbeta = ops.batchnorm_maxpool_backward(
+                dy, self._need_cache(), pool._need_cache()
+            )
+        else:
+            dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._need_cache())
+        self.grads["gamma"], self.grads["beta"] = dgamma, dbeta
         return dx
 
     def get_config(self):

@@ -186,9 +186,10 @@ class Sequential:
         """The layers as run: ``(layer, fused, pool)``, a convolution or batch norm followed by
         a ReLU as one step (the ReLU applied as the outputs are written, and its gradient in
         the layer's backward pass: no passes of its own over the activations; the same bits,
-        see ``ops.conv2d_forward``, ``ops.batchnorm_forward``), and a convolution + ReLU
-        followed by max pooling with the pooling layer in ``pool`` (each thread takes its
-        images through both: ``ops.conv2d_maxpool_forward``). Layers run on their own (the
+        see ``ops.conv2d_forward``, ``ops.batchnorm_forward``), and a convolution or batch
+        norm + ReLU followed by max pooling with the pooling layer in ``pool`` (each thread
+        takes its images through both: ``ops.conv2d_maxpool_forward``,
+        ``ops.batchnorm_maxpool_forward``). Layers run on their own (the
         explorer's activation maps) still show each layer's own output."""
         steps, i, layers = [], 0, self.layers
         while i < len(layers):
@@ -197,7 +198,7 @@ class Sequential:
                 and i + 1 < len(layers)
                 and type(layers[i + 1]) is ReLU
             )
-            pool = _at(layers, i + 2) if fused and isinstance(layers[i], Conv2D) else None
+            pool = _at(layers, i + 2) if fused else None
             pool = pool if type(pool) is MaxPool2D else None
             steps.append((layers[i], fused, pool))
             i += 1 + fused + (pool is not None)

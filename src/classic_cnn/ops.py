@@ -653,18 +653,26 @@ def maxpool2d_forward(
 def _maxpool_forward(x, pool_size, stride):
     """Max pooling's output, cache, ``body(s, e)`` pooling images s..e of x (read when body
     runs), and its estimated one-thread time in ns."""
+    y, cache, pool_into, ns = _maxpool_parts(x.shape, x.dtype, pool_size, stride)
+    return y, cache, lambda s, e: pool_into(x[s:e], s, e), ns
+
+
+def _maxpool_parts(x_shape, dtype, pool_size, stride):
+    """Max pooling's output and cache for inputs of ``x_shape``, ``pool_into(src, s, e)``
+    pooling ``src`` (images s..e of the input, wherever they are) into them, and the
+    estimated one-thread time in ns."""
     ph, pw = pool_size
-    n, h, w, c = x.shape
+    n, h, w, c = x_shape
     oh, ow = output_size(h, ph, stride), output_size(w, pw, stride)
-    y = np.empty((n, oh, ow, c), dtype=x.dtype)
+    y = np.empty((n, oh, ow, c), dtype=dtype)
     arg = np.empty((n, oh, ow, c), dtype=np.uint8 if ph * pw <= 256 else np.int32)
     if (ph, pw) == (2, 2):  # the common window has its own loop (see _kernels)
         kern2 = _k().maxpool2x2_forward
-        body = lambda s, e: kern2(x[s:e], stride, y[s:e], arg[s:e])  # noqa: E731
+        pool_into = lambda src, s, e: kern2(src, stride, y[s:e], arg[s:e])  # noqa: E731
     else:
         kern = _k().maxpool2d_forward
-        body = lambda s, e: kern(x[s:e], ph, pw, stride, y[s:e], arg[s:e])  # noqa: E731
-    return y, (x.shape, arg, pool_size, stride), body, y.size * ph * pw * NS_PER_POOL_TAP
+        pool_into = lambda src, s, e: kern(src, ph, pw, stride, y[s:e], arg[s:e])  # noqa: E731
+    return y, (x_shape, arg, pool_size, stride), pool_into, y.size * ph * pw * NS_PER_POOL_TAP
 
 
 def maxpool2d_backward(dy: np.ndarray, cache: tuple) -> np.ndarray:
@@ -680,14 +688,26 @@ def maxpool2d_backward(dy: np.ndarray, cache: tuple) -> np.ndarray:
 
 def _maxpool_backward(dy, cache):
     """Max pooling's dx and ``body(s, e)`` filling images s..e of it."""
-    x_shape, arg, (ph, pw), stride = cache
-    if (ph, pw, stride) == (2, 2, 2):  # windows that tile the input: each dx written once
-        dx = np.empty(x_shape, dtype=dy.dtype)
+    x_shape = cache[0]
+    dx = np.empty(x_shape, dtype=dy.dtype)
+    route = _maxpool_route(dy, cache)
+    return dx, lambda s, e: route(s, e, dx[s:e])
+
+
+def _maxpool_route(dy, cache):
+    """``route(s, e, out)``: the gradient of images s..e of max pooling's input, from its
+    output's gradient dy, written into ``out`` (every element of it)."""
+    _, arg, (ph, pw), stride = cache
+    if (ph, pw, stride) == (2, 2, 2):  # windows that tile the input: each element written once
         kern2 = _k().maxpool2x2s2_backward
-        return dx, lambda s, e: kern2(dy[s:e], arg[s:e], dx[s:e])
-    dx = np.zeros(x_shape, dtype=dy.dtype)
+        return lambda s, e, out: kern2(dy[s:e], arg[s:e], out)
     kern = _k().maxpool2d_backward
-    return dx, lambda s, e: kern(dy[s:e], arg[s:e], pw, stride, dx[s:e])
+
+    def route(s, e, out):
+        out.fill(0)
+        kern(dy[s:e], arg[s:e], pw, stride, out)
+
+    return route
 
 
 def conv2d_maxpool_forward(x, w, b, stride, padding, relu, pool_size, pool_stride):
@@ -900,29 +920,62 @@ def softmax_backward(dy, y):
 # --------------------------------------------------------------------------------------------
 
 
-#: rows per block of batch norm's per-channel sums: each block is summed on its own, then the
-#: blocks in order, so the sums do not depend on how many threads share the blocks
-BLOCK_ROWS = 2048
+#: bytes per block of batch norm's per-channel sums: each block is summed on its own, then the
+#: blocks in order, so the sums do not depend on how many threads share the blocks. A block
+#: stays in a core's cache between the passes that read it, and is large enough that the calls
+#: per block cost little (measured: blocks of 200 KB cost the fused step with pooling its gain).
+BLOCK_BYTES = 1 << 20
 
 
-def _channel_moments(x2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _block_rows(shape: tuple[int, ...], itemsize: int) -> int:
+    """Rows of batch norm's (M, C) view summed as one block: about ``BLOCK_BYTES`` of them,
+    and for images whole images (at least one), so that a step that takes a block of images at
+    a time (:func:`batchnorm_maxpool_forward`) sums the very blocks that batch norm on its own
+    sums."""
+    row_bytes = shape[-1] * itemsize
+    if len(shape) != 4:
+        return max(1, BLOCK_BYTES // row_bytes)
+    per = shape[1] * shape[2]
+    return per * max(1, BLOCK_BYTES // (per * row_bytes))
+
+
+def _channel_moments(x2: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and biased variance of x2 (M, C), float64, in one pass over memory:
-    each block of ``BLOCK_ROWS`` rows is summed and then centred on its own mean while it is in
-    the cache, and the blocks are combined exactly (Chan, Golub and LeVeque):
+    each block of ``rows`` rows is summed and then centred on its own mean while it is in the
+    cache, and the blocks are combined exactly (Chan, Golub and LeVeque):
     ``M2 = Σ M2_b + Σ n_b·(mean_b − mean)²``, so there is no cancellation."""
     m = len(x2)
-    blocks = -(-m // BLOCK_ROWS)
+    blocks = -(-m // rows)
     sums, m2 = np.empty((blocks, x2.shape[1])), np.empty((blocks, x2.shape[1]))
     kern = _k().channel_block_moments
     _split(
         blocks,
         x2.size,
-        lambda s, e: kern(x2[s * BLOCK_ROWS : e * BLOCK_ROWS], BLOCK_ROWS, sums[s:e], m2[s:e]),
+        lambda s, e: kern(x2[s * rows : e * rows], rows, sums[s:e], m2[s:e]),
     )
-    counts = np.minimum(BLOCK_ROWS, m - BLOCK_ROWS * np.arange(blocks))[:, None]
+    counts = np.minimum(rows, m - rows * np.arange(blocks))[:, None]
     mean = sums.sum(axis=0) / m
     spread = (counts * (sums / counts - mean) ** 2).sum(axis=0)
     return mean, (m2.sum(axis=0) + spread) / m
+
+
+def _bn_statistics(x2, rows, running_mean, running_var, training, momentum, eps):
+    """The mean and 1/sqrt(var + eps) batch norm normalises with, in x2's dtype: the batch's
+    in training (updating the running statistics in place), else the running ones (copied:
+    the cache keeps them)."""
+    dt = x2.dtype
+    if training:
+        m = len(x2)
+        mean64, var64 = _channel_moments(x2, rows)  # float64, whatever x's dtype
+        mean, var = mean64.astype(dt), var64.astype(dt)
+        unbiased = var * (m / max(m - 1, 1))
+        running_mean *= 1 - momentum
+        running_mean += momentum * mean
+        running_var *= 1 - momentum
+        running_var += momentum * unbiased
+    else:
+        mean, var = running_mean.astype(dt), running_var
+    return mean, (1.0 / np.sqrt(var + eps)).astype(dt, copy=False)
 
 
 def batchnorm_forward(
@@ -947,28 +1000,47 @@ def batchnorm_forward(
     pair): y is then ``max(y, 0)``, and :func:`batchnorm_backward` takes the gradient through
     both, bit for bit what the two layers give one after the other.
     """
-    dt = x.dtype
-    c = x.shape[-1]
+    dt, c = x.dtype, x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, c)
-    if training:
-        m = len(x2)
-        mean64, var64 = _channel_moments(x2)  # float64, whatever x's dtype
-        mean, var = mean64.astype(dt), var64.astype(dt)
-        unbiased = var * (m / max(m - 1, 1))
-        running_mean *= 1 - momentum
-        running_mean += momentum * mean
-        running_var *= 1 - momentum
-        running_var += momentum * unbiased
-    else:
-        mean, var = running_mean.astype(dt), running_var  # a copy: the cache keeps it
-    inv_std = (1.0 / np.sqrt(var + eps)).astype(dt, copy=False)
+    rows = _block_rows(x.shape, x.dtype.itemsize)
+    mean, inv_std = _bn_statistics(x2, rows, running_mean, running_var, training, momentum, eps)
     y = np.empty(x.shape, dtype=dt)
     # one compiled pass instead of NumPy's five (x − mean, ·inv_std, ·gamma, + beta, temporaries)
     g, bt, y2 = gamma.astype(dt, copy=False), beta.astype(dt, copy=False), y.reshape(-1, c)
     kern, relu = _k().batchnorm_apply, bool(relu)
     _split(len(x2), x2.size, lambda s, e: kern(x2[s:e], mean, inv_std, g, bt, y2[s:e], relu))
     # x itself is kept, not xhat: the backward pass recomputes xhat (one array less written)
-    return y, (x2, mean, gamma, inv_std, training, x.shape, (g, bt) if relu else None)
+    return y, (x2, mean, gamma, inv_std, training, x.shape, rows, (g, bt) if relu else None)
+
+
+def batchnorm_maxpool_forward(
+    x, gamma, beta, running_mean, running_var, training, momentum, eps, pool_size, pool_stride
+):
+    """:func:`batchnorm_forward` with ``relu`` then :func:`maxpool2d_forward` on its output,
+    the same numbers, returned as ``(pooled, bn_cache, pool_cache)``. After the statistics,
+    each thread normalises one block of images at a time into a buffer of its own and pools
+    them from there, so the full-size normalised maps are never written to memory nor read
+    back, and the work changes hands once instead of twice."""
+    x = np.ascontiguousarray(x)
+    n, h, w, c = x.shape
+    dt, per, x2 = x.dtype, h * w, x.reshape(-1, c)
+    rows = _block_rows(x.shape, x.dtype.itemsize)
+    mean, inv_std = _bn_statistics(x2, rows, running_mean, running_var, training, momentum, eps)
+    g, bt = gamma.astype(dt, copy=False), beta.astype(dt, copy=False)
+    images = rows // per
+    pooled, pool_cache, pool_into, pool_ns = _maxpool_parts(x.shape, dt, pool_size, pool_stride)
+    kern = _k().batchnorm_apply
+
+    def body(b0, b1):
+        buf = _workspace("bn", (rows, c), dt)
+        for blk in range(b0, b1):
+            s, e = blk * images, min(n, (blk + 1) * images)
+            piece = buf[: (e - s) * per]
+            kern(x2[s * per : e * per], mean, inv_std, g, bt, piece, True)
+            pool_into(piece.reshape(e - s, h, w, c), s, e)
+
+    _split(-(-n // images), x.size + pool_ns / NS_PER_NUMBER, body)
+    return pooled, (x2, mean, gamma, inv_std, training, x.shape, rows, (g, bt)), pool_cache
 
 
 def fold_batch_norm(
@@ -1011,47 +1083,85 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
     ``dx = inv_std · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))`` with ``dxhat = dy ·
     gamma``; written per channel as ``dx = scale·dy − shift − xhat·slope`` (one compiled pass).
     """
-    x2, mean, gamma, inv_std, training, shape, fused = cache
-    dt = x2.dtype
+    x2, mean, gamma, inv_std, training, shape, rows, fused = cache
+    dt, c = x2.dtype, x2.shape[-1]
     relu = fused is not None
     g, bt = fused if relu else (gamma, gamma)  # the forward pass's gamma, beta (cast to dt)
-    c = x2.shape[-1]
     dy2 = np.ascontiguousarray(dy, dtype=dt).reshape(-1, c)
-    blocks = -(-len(dy2) // BLOCK_ROWS)
+    blocks = -(-len(dy2) // rows)
     sb, sg = np.empty((blocks, c)), np.empty((blocks, c))
     kern = _k().batchnorm_grad_sums
     _split(
         blocks,
         dy2.size,
         lambda s, e: kern(
-            dy2[s * BLOCK_ROWS : e * BLOCK_ROWS],
-            x2[s * BLOCK_ROWS : e * BLOCK_ROWS],
+            dy2[s * rows : e * rows],
+            x2[s * rows : e * rows],
             mean,
             inv_std,
             g,
             bt,
             relu,
-            BLOCK_ROWS,
+            rows,
             sb[s:e],
             sg[s:e],
         ),
     )
-    dbeta, dgamma = sb.sum(axis=0).astype(dt), sg.sum(axis=0).astype(dt)
-    scale = (gamma * inv_std).astype(dt, copy=False)
-    if training:
-        m = len(dy2)
-        shift = (scale * dbeta / m).astype(dt, copy=False)
-        slope = (scale * dgamma / m).astype(dt, copy=False)
-    else:
-        shift = slope = np.zeros(c, dtype=dt)
+    dgamma, dbeta, coef = _bn_grad_coefficients(sb, sg, gamma, inv_std, training, len(dy2), dt)
     dx = np.empty(shape, dtype=dt)
     dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
     _split(
         len(dy2),
         dy2.size,
-        lambda s, e: kern(
-            dy2[s:e], x2[s:e], mean, inv_std, g, bt, relu, scale, shift, slope, dx2[s:e]
-        ),
+        lambda s, e: kern(dy2[s:e], x2[s:e], mean, inv_std, g, bt, relu, *coef, dx2[s:e]),
+    )
+    return dx, dgamma, dbeta
+
+
+def _bn_grad_coefficients(sb, sg, gamma, inv_std, training, m, dt):
+    """dgamma, dbeta and ``(scale, shift, slope)`` of ``dx = scale·dy − shift − xhat·slope``
+    from the blocks' sums of dy and dy·xhat, added in block order."""
+    dbeta, dgamma = sb.sum(axis=0).astype(dt), sg.sum(axis=0).astype(dt)
+    scale = (gamma * inv_std).astype(dt, copy=False)
+    if training:
+        shift = (scale * dbeta / m).astype(dt, copy=False)
+        slope = (scale * dgamma / m).astype(dt, copy=False)
+    else:
+        shift = slope = np.zeros(len(scale), dtype=dt)
+    return dgamma, dbeta, (scale, shift, slope)
+
+
+def batchnorm_maxpool_backward(dp, bn_cache, pool_cache):
+    """The gradients of :func:`batchnorm_maxpool_forward`: ``(dx, dgamma, dbeta)`` from the
+    pooled output's gradient ``dp``. Each thread routes one block of images' gradient back
+    through the pooling and sums it while it is in the cache; then, the sums known, dx is
+    written from it. (Routing it again instead of keeping it costs more than it saves:
+    routing is compute-bound, measured.)"""
+    x2, mean, gamma, inv_std, training, shape, rows, (g, bt) = bn_cache
+    n, h, w, c = shape
+    dt, per = x2.dtype, h * w
+    dp = np.ascontiguousarray(dp, dtype=dt)
+    images, blocks = rows // per, -(-len(x2) // rows)
+    dy, route = _maxpool_backward(dp, pool_cache)
+    dy2 = dy.reshape(-1, c)
+    sb, sg = np.empty((blocks, c)), np.empty((blocks, c))
+    sums = _k().batchnorm_grad_sums
+
+    def sum_blocks(b0, b1):
+        for blk in range(b0, b1):
+            route(blk * images, min(n, (blk + 1) * images))
+            lo, hi = blk * rows, (blk + 1) * rows
+            d, xs = dy2[lo:hi], x2[lo:hi]
+            sums(d, xs, mean, inv_std, g, bt, True, rows, sb[blk : blk + 1], sg[blk : blk + 1])
+
+    _split(blocks, x2.size + dp.size, sum_blocks)
+    dgamma, dbeta, coef = _bn_grad_coefficients(sb, sg, gamma, inv_std, training, len(x2), dt)
+    dx = np.empty(shape, dtype=dt)
+    dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
+    _split(
+        len(dy2),
+        dy2.size,
+        lambda s, e: kern(dy2[s:e], x2[s:e], mean, inv_std, g, bt, True, *coef, dx2[s:e]),
     )
     return dx, dgamma, dbeta
 
