@@ -564,22 +564,35 @@ def relu_backward(dy, y, dx):
         dx[t] = dy[t] if y[t] > 0 else 0
 
 
+#: rows summed in x's own dtype before the sum is added into float64 (batch norm's sums): float32
+#: arithmetic on 16 numbers keeps float32's precision, runs twice as wide as float64's, and
+#: float64 gathers the rest. Measured on 64×28×28×32 float32, one thread: the gradient sums
+#: 0.86 → 0.65 ms.
+SHORT_ROWS = 16
+
+
 @njit(cache=True, nogil=True)
 def channel_block_moments(x, rows, sums, m2):
     """Per block of ``rows`` rows of x (M, C), per channel: Σ x into sums and Σ (x − block
-    mean)² into m2 (blocks, C), float64. The block's second pass reads it from the cache, not
-    from memory, and corrects both with the residual r = Σ (x − block mean) (the corrected
-    two-pass algorithm: sum + r, and M2 − r²/n), so their precision does not depend on the
-    block's length. Combining fixed blocks in order gives the same numbers however the
-    blocks are shared among threads."""
+    mean)² into m2 (blocks, C), float64. The first pass adds ``SHORT_ROWS`` rows at a time in
+    x's dtype; the second reads the block from the cache, not from memory, in float64, and
+    corrects both with the residual r = Σ (x − block mean) (the corrected two-pass algorithm:
+    sum + r, and M2 − r²/n), so their precision depends neither on the block's length nor on
+    the first pass's rounding. Combining fixed blocks in order gives the same numbers however
+    the blocks are shared among threads."""
     m, c = x.shape
+    part = np.zeros(c, dtype=x.dtype)
     for b in range(sums.shape[0]):
         lo, hi = b * rows, min(m, (b + 1) * rows)
         s = np.zeros(c)
-        for r in range(lo, hi):
-            row = x[r]
+        for r0 in range(lo, hi, SHORT_ROWS):
+            part[:] = 0
+            for r in range(r0, min(hi, r0 + SHORT_ROWS)):
+                row = x[r]
+                for k in range(c):
+                    part[k] += row[k]
             for k in range(c):
-                s[k] += row[k]
+                s[k] += part[k]
         mean = s / (hi - lo)
         q = np.zeros(c)
         res = np.zeros(c)
@@ -615,27 +628,36 @@ def batchnorm_apply(x, mean, inv_std, gamma, beta, y, relu):
 @njit(cache=True, nogil=True)
 def batchnorm_grad_sums(dy, x, mean, inv_std, gamma, beta, relu, rows, sb, sg):
     """Per block of ``rows`` rows of (M, C) arrays, per channel: ``Σ dy`` into sb and
-    ``Σ dy·xhat`` into sg (blocks, C), float64 sums, with ``xhat = (x − mean)·inv_std``
-    recomputed as the forward pass computed it. With ``relu`` (batch norm fused with the ReLU
-    after it), dy counts only where the forward pass's ``xhat·gamma + beta > 0``: the ReLU's
-    gradient, recomputed with the forward pass's very arithmetic instead of stored."""
+    ``Σ dy·xhat`` into sg (blocks, C), float64 sums of ``SHORT_ROWS``-row sums in dy's dtype,
+    with ``xhat = (x − mean)·inv_std`` recomputed as the forward pass computed it. With
+    ``relu`` (batch norm fused with the ReLU after it), dy counts only where the forward
+    pass's ``xhat·gamma + beta > 0``: the ReLU's gradient, recomputed with the forward pass's
+    very arithmetic instead of stored."""
     m, c = dy.shape
     zero = np.zeros(1, dtype=dy.dtype)[0]
+    p1, p2 = np.zeros(c, dtype=dy.dtype), np.zeros(c, dtype=dy.dtype)
     for b in range(sb.shape[0]):
         s1 = np.zeros(c)
         s2 = np.zeros(c)
-        for r in range(b * rows, min(m, (b + 1) * rows)):
-            dr, xr = dy[r], x[r]
-            if relu:
-                for k in range(c):
-                    h = (xr[k] - mean[k]) * inv_std[k]
-                    d = dr[k] if h * gamma[k] + beta[k] > zero else zero
-                    s1[k] += d
-                    s2[k] += d * h
-            else:
-                for k in range(c):
-                    s1[k] += dr[k]
-                    s2[k] += dr[k] * ((xr[k] - mean[k]) * inv_std[k])
+        lo, hi = b * rows, min(m, (b + 1) * rows)
+        for r0 in range(lo, hi, SHORT_ROWS):
+            p1[:] = 0
+            p2[:] = 0
+            for r in range(r0, min(hi, r0 + SHORT_ROWS)):
+                dr, xr = dy[r], x[r]
+                if relu:
+                    for k in range(c):
+                        h = (xr[k] - mean[k]) * inv_std[k]
+                        d = dr[k] if h * gamma[k] + beta[k] > zero else zero
+                        p1[k] += d
+                        p2[k] += d * h
+                else:
+                    for k in range(c):
+                        p1[k] += dr[k]
+                        p2[k] += dr[k] * ((xr[k] - mean[k]) * inv_std[k])
+            for k in range(c):
+                s1[k] += p1[k]
+                s2[k] += p2[k]
         sb[b] = s1
         sg[b] = s2
 
