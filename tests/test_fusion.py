@@ -71,11 +71,17 @@ def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, trai
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     calls = []
     real, real_pool = ops.batchnorm_forward, ops.batchnorm_maxpool_forward
-    monkeypatch.setattr(
-        ops, "batchnorm_forward", lambda *a, **k: (calls.append(k.get("relu")), real(*a, **k))[1]
+    monkeypatch.setattr(  # (fused with ReLU?, statistics taken by the convolution before?)
+        ops,
+        "batchnorm_forward",
+        lambda *a, **k: (calls.append((k.get("relu"), "moments" in k)), real(*a, **k))[1],
     )
     monkeypatch.setattr(  # batch norm + ReLU + max pooling: the ReLU goes without saying
-        ops, "batchnorm_maxpool_forward", lambda *a: (calls.append("pool"), real_pool(*a))[1]
+        ops,
+        "batchnorm_maxpool_forward",
+        lambda *a, **k: (calls.append(("pool", k.get("moments") is not None)), real_pool(*a, **k))[
+            1
+        ],
     )
     rng = np.random.default_rng(3)
     x = rng.normal(size=(5, 8, 8, 2)).astype(np.float32)
@@ -83,11 +89,13 @@ def test_fused_batchnorm_relu_gives_the_bits_of_the_two_layers(monkeypatch, trai
     a, b = _net(), _net()
     with ops.engine_threads(threads):
         want = _one_by_one(a, x, y, training)
-    assert calls == [None] * 3
+    assert calls == [(None, False)] * 3
     calls.clear()
     loss = CrossEntropyLoss()
     z = b.forward(x, training)
-    assert calls == ["pool", True, True]  # every batch norm ran fused with its ReLU
+    # every batch norm ran fused with its ReLU; in training the two after convolutions took
+    # their statistics from them
+    assert calls == [("pool", training), (True, training), (True, False)]
     value = loss.forward(z, y)
     d = b.backward(loss.backward())
     np.testing.assert_array_equal(z, want[0])
@@ -224,10 +232,12 @@ def test_convolution_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
 
 
 def _bn_pool_net(pool, stride, seed=0):
-    """Convolution, batch norm + ReLU + max pooling twice (the fashion preset's blocks)."""
+    """Convolution, batch norm + ReLU + max pooling twice (the fashion preset's blocks); the
+    first convolution on the direct path (3×3×2 patches), the second on the im2col path
+    (3×3×16)."""
     return Sequential(
         [
-            Conv2D(6, 3, padding="same", use_bias=False),
+            Conv2D(16, 3, padding="same", use_bias=False),
             BatchNorm(),
             ReLU(),
             MaxPool2D(pool, stride),
@@ -258,8 +268,10 @@ def test_batch_norm_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
     monkeypatch.setattr(ops, "BLOCK_BYTES", block_bytes)  # 1: one image per block
     calls = []
     real = ops.batchnorm_maxpool_forward
-    monkeypatch.setattr(
-        ops, "batchnorm_maxpool_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)
+    monkeypatch.setattr(  # the statistics taken by the convolution before, on both paths
+        ops,
+        "batchnorm_maxpool_forward",
+        lambda *a, **k: calls.append(k["moments"][0].shape) or real(*a, **k),
     )
     rng = np.random.default_rng(6)
     x = rng.normal(size=(5, 13, 12, 2)).astype(np.float32)
@@ -270,9 +282,10 @@ def test_batch_norm_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
         want = _one_by_one(a, x, y, True)
         assert calls == []
         z = b.forward(x, True)
-        assert len(calls) == 2  # both triples fused
+        assert calls == [(5, 16), (5, 5)]  # both triples fused
         value = loss.forward(z, y)
         d = b.backward(loss.backward())
+    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, "im2col"]
     np.testing.assert_array_equal(z, want[0])
     assert value == want[1]
     np.testing.assert_array_equal(d, want[2])

@@ -242,11 +242,13 @@ class Conv2D(Layer):
         kh, kw = self.kernel_size
         return oh * ow * self.filters * kh * kw * input_shape[2]
 
-    def forward(self, x, training=False, relu=False, pool=None):
+    def forward(self, x, training=False, relu=False, pool=None, moments=None):
         """``relu=True``: also apply the ReLU that follows, in the same pass (``Sequential``
         does so; :meth:`backward` then takes the gradient through both). ``pool``: the
         :class:`MaxPool2D` layer after that ReLU, run in the same step (its own cache filled
-        as its forward pass fills it); the pooled output is returned."""
+        as its forward pass fills it); the pooled output is returned. ``moments``: two
+        (N, filters) float64 arrays to fill with each output image's statistics for the
+        batch norm that follows (see ``ops.conv2d_forward``)."""
         self._check_input(x)
         w, b = self.params["kernel"], self.params.get("bias")
         if pool is not None:
@@ -254,9 +256,10 @@ class Conv2D(Layer):
                 x, w, b, self.stride, self.padding, relu, pool.pool_size, pool.stride
             )
             return y
-        y, self._cache = ops.conv2d_forward(
-            x, w, b, self.stride, self.padding, **({"relu": True} if relu else {})
-        )
+        extra = {"relu": True} if relu else {}
+        if moments is not None:
+            extra["moments"] = moments
+        y, self._cache = ops.conv2d_forward(x, w, b, self.stride, self.padding, **extra)
         return y
 
     def backward(self, dy, pool=None):
@@ -519,11 +522,13 @@ class BatchNorm(Layer):
         self.buffers["running_mean"] = np.zeros(c, dtype=dtype)
         self.buffers["running_var"] = np.ones(c, dtype=dtype)
 
-    def forward(self, x, training=False, relu=False, pool=None):
+    def forward(self, x, training=False, relu=False, pool=None, moments=None):
         """``relu=True``: also apply the ReLU that follows, in the same pass (``Sequential``
         does so; :meth:`backward` then takes the gradient through both). ``pool``: the
         :class:`MaxPool2D` layer after that ReLU, run in the same step (its own cache filled
-        as its forward pass fills it); the pooled output is returned."""
+        as its forward pass fills it); the pooled output is returned. ``moments``: x's
+        per-image statistics, taken by the convolution that wrote x (see
+        ``ops.batchnorm_forward``)."""
         self._check_input(x)
         args = (
             x,
@@ -537,10 +542,13 @@ class BatchNorm(Layer):
         )
         if pool is not None:
             y, self._cache, pool._cache = ops.batchnorm_maxpool_forward(
-                *args, pool.pool_size, pool.stride
+                *args, pool.pool_size, pool.stride, moments=moments
             )
             return y
-        y, self._cache = ops.batchnorm_forward(*args, **({"relu": True} if relu else {}))
+        extra = {"relu": True} if relu else {}
+        if moments is not None:
+            extra["moments"] = moments
+        y, self._cache = ops.batchnorm_forward(*args, **extra)
         return y
 
     def backward(self, dy, pool=None):

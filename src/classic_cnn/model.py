@@ -78,6 +78,16 @@ INFERENCE_BATCH = 512
 INFERENCE_PIECE_BYTES = 12 << 20
 
 
+def _conv_then_batch_norm(steps, i: int) -> bool:
+    """Whether step i is a convolution on its own whose output goes to a batch norm (which
+    then takes its statistics from the convolution, image by image as they are written)."""
+    return (
+        isinstance(steps[i][0], Conv2D)
+        and i + 1 < len(steps)
+        and isinstance(steps[i + 1][0], BatchNorm)
+    )
+
+
 def _at(layers: list[Layer], i: int) -> Layer | None:
     return layers[i] if i < len(layers) else None
 
@@ -208,14 +218,20 @@ class Sequential:
         """Logits (N, classes) for a batch x (N, H, W, C)."""
         x = self._as_batch(x)
         steps = self._run_steps = self._steps()
+        moments = None  # a convolution's output statistics, for the batch norm after it
         with ops.engine_threads():
-            for layer, fused, pool in steps:
+            for i, (layer, fused, pool) in enumerate(steps):
+                extra = {"relu": True} if fused else {}
                 if pool is not None:
-                    x = layer.forward(x, training, relu=True, pool=pool)
-                elif fused:
-                    x = layer.forward(x, training, relu=True)
-                else:
-                    x = layer.forward(x, training)
+                    extra["pool"] = pool
+                if moments is not None:
+                    extra["moments"], moments = moments, None
+                elif training and not extra and _conv_then_batch_norm(steps, i):
+                    moments = extra["moments"] = (
+                        np.empty((len(x), layer.filters)),
+                        np.empty((len(x), layer.filters)),
+                    )
+                x = layer.forward(x, training, **extra)
         return x
 
     __call__ = forward

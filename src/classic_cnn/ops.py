@@ -423,6 +423,7 @@ def conv2d_forward(
     stride: int = 1,
     padding="valid",
     relu: bool = False,
+    moments=None,
 ) -> tuple[np.ndarray, tuple]:
     """Convolution (cross-correlation, as every CNN library computes it).
 
@@ -441,6 +442,10 @@ def conv2d_forward(
     relu : also apply the ReLU that follows, in the same pass (``Sequential`` fuses the pair;
         :func:`conv2d_backward` then takes the gradient through both, bit for bit what the
         two layers give one after the other)
+    moments : None, or two (N, C_out) float64 arrays filled, on the thread that writes each
+        image of y right after it, with the image's per-channel ``(sums, m2)``
+        (:func:`image_moments`): the statistics of the batch norm that follows, taken while
+        the output is in the cache (``Sequential`` passes them on to it)
 
     Returns
     -------
@@ -455,9 +460,19 @@ def conv2d_forward(
     x = np.ascontiguousarray(x)
     if _direct(w, stride):
         y, cache, body, ns = _direct_forward(x, w, b, pads, oh, ow, relu)
+        if moments is not None:
+            conv, ns = body, ns + y.size * NS_PER_NUMBER
+
+            def body(s, e):
+                conv(s, e)
+                image_moments(y, s, e, *moments)
+
         _split(n, ns, body, 1.0)
         return y, cache
-    return _im2col_forward(x, w, b, stride, pads, oh, ow, relu)
+    make_after = None
+    if moments is not None:
+        make_after = lambda y: lambda s, e: image_moments(y, s, e, *moments)  # noqa: E731
+    return _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after)
 
 
 def _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after=None):
@@ -939,34 +954,60 @@ def _block_rows(shape: tuple[int, ...], itemsize: int) -> int:
     return per * max(1, BLOCK_BYTES // (per * row_bytes))
 
 
-def _channel_moments(x2: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def _moment_rows(shape: tuple[int, ...], itemsize: int) -> int:
+    """Rows of batch norm's (M, C) view whose statistics are taken as one block: one image
+    for image inputs (so that the convolution before batch norm can take them image by image
+    as it writes them, :func:`conv2d_forward`'s ``moments``), else :func:`_block_rows`."""
+    return shape[1] * shape[2] if len(shape) == 4 else _block_rows(shape, itemsize)
+
+
+def image_moments(y: np.ndarray, s: int, e: int, sums: np.ndarray, m2: np.ndarray) -> None:
+    """Per image of images s..e of y (N, H, W, C), per channel: Σ y into ``sums[s:e]`` and
+    Σ (y − the image's mean)² into ``m2[s:e]`` (float64), the blocks batch norm's statistics
+    are made of (``_kernels.channel_block_moments``)."""
+    per, c = y.shape[1] * y.shape[2], y.shape[3]
+    y2 = y.reshape(-1, c)
+    _k().channel_block_moments(y2[s * per : e * per], per, sums[s:e], m2[s:e])
+
+
+def _channel_moments(x2: np.ndarray, rows: int, blocks_done=None) -> tuple[np.ndarray, ...]:
     """Per-channel mean and biased variance of x2 (M, C), float64, in one pass over memory:
     each block of ``rows`` rows is summed and then centred on its own mean while it is in the
     cache, and the blocks are combined exactly (Chan, Golub and LeVeque):
-    ``M2 = Σ M2_b + Σ n_b·(mean_b − mean)²``, so there is no cancellation."""
+    ``M2 = Σ M2_b + Σ n_b·(mean_b − mean)²``, so there is no cancellation. ``blocks_done``:
+    the blocks' ``(sums, m2)`` already taken (by the convolution that wrote x2)."""
     m = len(x2)
     blocks = -(-m // rows)
-    sums, m2 = np.empty((blocks, x2.shape[1])), np.empty((blocks, x2.shape[1]))
-    kern = _k().channel_block_moments
-    _split(
-        blocks,
-        x2.size,
-        lambda s, e: kern(x2[s * rows : e * rows], rows, sums[s:e], m2[s:e]),
-    )
+    if blocks_done is not None:
+        sums, m2 = blocks_done
+    else:
+        sums, m2 = np.empty((blocks, x2.shape[1])), np.empty((blocks, x2.shape[1]))
+        kern = _k().channel_block_moments
+        _split(
+            blocks,
+            x2.size,
+            lambda s, e: kern(x2[s * rows : e * rows], rows, sums[s:e], m2[s:e]),
+        )
     counts = np.minimum(rows, m - rows * np.arange(blocks))[:, None]
     mean = sums.sum(axis=0) / m
     spread = (counts * (sums / counts - mean) ** 2).sum(axis=0)
     return mean, (m2.sum(axis=0) + spread) / m
 
 
-def _bn_statistics(x2, rows, running_mean, running_var, training, momentum, eps):
+def _bn_statistics(x, x2, running_mean, running_var, training, momentum, eps, moments):
     """The mean and 1/sqrt(var + eps) batch norm normalises with, in x2's dtype: the batch's
     in training (updating the running statistics in place), else the running ones (copied:
-    the cache keeps them)."""
+    the cache keeps them). ``moments``: see :func:`batchnorm_forward`."""
     dt = x2.dtype
     if training:
         m = len(x2)
-        mean64, var64 = _channel_moments(x2, rows)  # float64, whatever x's dtype
+        rows = _moment_rows(x.shape, dt.itemsize)
+        if moments is not None and (len(x.shape) != 4 or moments[0].shape != (len(x), x2.shape[1])):
+            raise ValueError(
+                f"moments must be two (N, C) arrays of per-image sums for (N, H, W, C) inputs. "
+                f"Received: {moments[0].shape} for inputs {x.shape}"
+            )
+        mean64, var64 = _channel_moments(x2, rows, moments)  # float64, whatever x's dtype
         mean, var = mean64.astype(dt), var64.astype(dt)
         unbiased = var * (m / max(m - 1, 1))
         running_mean *= 1 - momentum
@@ -988,6 +1029,7 @@ def batchnorm_forward(
     momentum: float = 0.1,
     eps: float = 1e-5,
     relu: bool = False,
+    moments=None,
 ):
     """Batch normalisation over every axis but the last (channels), PyTorch's conventions.
 
@@ -998,12 +1040,16 @@ def batchnorm_forward(
     Returns ``(y, cache)``; ``y = gamma · (x − mean) / sqrt(var + eps) + beta``. With
     ``relu``, the ReLU that follows is applied in the same pass (``Sequential`` fuses the
     pair): y is then ``max(y, 0)``, and :func:`batchnorm_backward` takes the gradient through
-    both, bit for bit what the two layers give one after the other.
+    both, bit for bit what the two layers give one after the other. ``moments``, in training:
+    the per-image ``(sums, m2)`` of x that the convolution writing x took as it wrote it
+    (:func:`conv2d_forward`), so that batch norm need not read x an extra time.
     """
     dt, c = x.dtype, x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, c)
     rows = _block_rows(x.shape, x.dtype.itemsize)
-    mean, inv_std = _bn_statistics(x2, rows, running_mean, running_var, training, momentum, eps)
+    mean, inv_std = _bn_statistics(
+        x, x2, running_mean, running_var, training, momentum, eps, moments
+    )
     y = np.empty(x.shape, dtype=dt)
     # one compiled pass instead of NumPy's five (x − mean, ·inv_std, ·gamma, + beta, temporaries)
     g, bt, y2 = gamma.astype(dt, copy=False), beta.astype(dt, copy=False), y.reshape(-1, c)
@@ -1014,7 +1060,17 @@ def batchnorm_forward(
 
 
 def batchnorm_maxpool_forward(
-    x, gamma, beta, running_mean, running_var, training, momentum, eps, pool_size, pool_stride
+    x,
+    gamma,
+    beta,
+    running_mean,
+    running_var,
+    training,
+    momentum,
+    eps,
+    pool_size,
+    pool_stride,
+    moments=None,
 ):
     """:func:`batchnorm_forward` with ``relu`` then :func:`maxpool2d_forward` on its output,
     the same numbers, returned as ``(pooled, bn_cache, pool_cache)``. After the statistics,
@@ -1025,7 +1081,9 @@ def batchnorm_maxpool_forward(
     n, h, w, c = x.shape
     dt, per, x2 = x.dtype, h * w, x.reshape(-1, c)
     rows = _block_rows(x.shape, x.dtype.itemsize)
-    mean, inv_std = _bn_statistics(x2, rows, running_mean, running_var, training, momentum, eps)
+    mean, inv_std = _bn_statistics(
+        x, x2, running_mean, running_var, training, momentum, eps, moments
+    )
     g, bt = gamma.astype(dt, copy=False), beta.astype(dt, copy=False)
     images = rows // per
     pooled, pool_cache, pool_into, pool_ns = _maxpool_parts(x.shape, dt, pool_size, pool_stride)
