@@ -296,3 +296,64 @@ def test_batch_norm_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
             np.testing.assert_array_equal(lb.buffers[name], buf, err_msg=name)
         if isinstance(la, MaxPool2D):
             np.testing.assert_array_equal(la._cache[1], lb._cache[1])  # the winners
+
+
+def _conv_bn_chain(seed=0):
+    """Convolutions each followed by batch norm + ReLU (the fashion preset's pattern): the
+    second convolution on the im2col path (3×3×16 patches), the third on the direct path
+    (3×3×8)."""
+    return Sequential(
+        [
+            Conv2D(16, 3, padding="same", use_bias=False),
+            BatchNorm(),
+            ReLU(),
+            Conv2D(8, 3, padding="same", use_bias=False),
+            BatchNorm(),
+            ReLU(),
+            Conv2D(5, 3),
+            BatchNorm(),
+            ReLU(),
+            MaxPool2D(2),
+            Flatten(),
+            Dense(3),
+        ],
+        (9, 10, 2),
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_convolutions_take_the_batch_norm_statistics_and_gradient_sums_with_the_same_bits(
+    monkeypatch, threads
+):
+    """In training, a convolution followed by batch norm takes batch norm's statistics as it
+    writes its output, and a convolution after batch norm (+ ReLU) takes batch norm's
+    gradient sums as it writes dx, on both paths: the output, loss, dx, every gradient and
+    the running statistics are the very numbers of the layers run one by one."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    takers = []
+    real = ops.batchnorm_grad_sums_taker
+    monkeypatch.setattr(
+        ops, "batchnorm_grad_sums_taker", lambda cache: takers.append(cache[5]) or real(cache)
+    )
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(6, 9, 10, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=6)
+    a, b = _conv_bn_chain(), _conv_bn_chain()
+    loss = CrossEntropyLoss()
+    with ops.engine_threads(threads):
+        want = _one_by_one(a, x, y, True)
+        assert takers == []
+        z = b.forward(x, True)
+        value = loss.forward(z, y)
+        d = b.backward(loss.backward())
+    assert takers == [(6, 9, 10, 8), (6, 9, 10, 16)]  # the two batch norms before a conv
+    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, "im2col", None]
+    np.testing.assert_array_equal(z, want[0])
+    assert value == want[1]
+    np.testing.assert_array_equal(d, want[2])
+    for name, g in want[3].items():
+        np.testing.assert_array_equal(b.gradients()[name], g, err_msg=name)
+    for la, lb in zip(a.layers, b.layers, strict=True):
+        for name, buf in la.buffers.items():
+            np.testing.assert_array_equal(lb.buffers[name], buf, err_msg=name)

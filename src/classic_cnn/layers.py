@@ -262,15 +262,16 @@ class Conv2D(Layer):
         y, self._cache = ops.conv2d_forward(x, w, b, self.stride, self.padding, **extra)
         return y
 
-    def backward(self, dy, pool=None):
+    def backward(self, dy, pool=None, after=None):
         """``pool``: the pooling layer run in the same forward step; dy is then the gradient
-        of its output."""
+        of its output. ``after(dx, s, e)``: run as images s..e of dx are finished (the
+        gradient sums of the batch norm before, see ``ops.conv2d_backward``)."""
         if pool is not None:
             dx, dw, db = ops.conv2d_maxpool_backward(
                 dy, self._need_cache(), pool._need_cache(), self.input_grad
             )
         else:
-            dx, dw, db = ops.conv2d_backward(dy, self._need_cache(), self.input_grad)
+            dx, dw, db = ops.conv2d_backward(dy, self._need_cache(), self.input_grad, after)
         self.grads["kernel"] = dw
         if self.use_bias:
             self.grads["bias"] = db
@@ -551,15 +552,16 @@ class BatchNorm(Layer):
         y, self._cache = ops.batchnorm_forward(*args, **extra)
         return y
 
-    def backward(self, dy, pool=None):
+    def backward(self, dy, pool=None, sums=None):
         """``pool``: the pooling layer run in the same forward step; dy is then the gradient
-        of its output."""
+        of its output. ``sums``: dy's sums, taken by the convolution's backward pass that
+        wrote dy (see ``ops.batchnorm_grad_sums_taker``)."""
         if pool is not None:
             dx, dgamma, dbeta = ops.batchnorm_maxpool_backward(
                 dy, self._need_cache(), pool._need_cache()
             )
         else:
-            dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._need_cache())
+            dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._need_cache(), sums)
         self.grads["gamma"], self.grads["beta"] = dgamma, dbeta
         return dx
 

@@ -88,6 +88,19 @@ def _conv_then_batch_norm(steps, i: int) -> bool:
     )
 
 
+def _batch_norm_then_conv(steps, i: int) -> bool:
+    """Whether step i is a convolution on its own whose input came from a batch norm's step
+    without pooling (the convolution's backward pass then takes batch norm's gradient sums,
+    image by image as it writes them)."""
+    return (
+        isinstance(steps[i][0], Conv2D)
+        and steps[i][2] is None
+        and i > 0
+        and isinstance(steps[i - 1][0], BatchNorm)
+        and steps[i - 1][2] is None
+    )
+
+
 def _at(layers: list[Layer], i: int) -> Layer | None:
     return layers[i] if i < len(layers) else None
 
@@ -243,9 +256,18 @@ class Sequential:
         self.layers[0].input_grad = input_grad
         d = dlogits
         steps = getattr(self, "_run_steps", None) or self._steps()
+        sums = None  # the gradient sums a convolution took for the batch norm before it
         with ops.engine_threads():
-            for layer, _, pool in reversed(steps):
-                d = layer.backward(d) if pool is None else layer.backward(d, pool=pool)
+            for i in reversed(range(len(steps))):
+                layer, _, pool = steps[i]
+                extra = {} if pool is None else {"pool": pool}
+                if sums is not None:
+                    extra["sums"], sums = sums, None
+                elif _batch_norm_then_conv(steps, i) and layer.input_grad:
+                    sums, extra["after"] = ops.batchnorm_grad_sums_taker(
+                        steps[i - 1][0]._need_cache()
+                    )
+                d = layer.backward(d, **extra)
         return d
 
     def predict_proba(self, x, batch_size: int | None = None) -> np.ndarray:

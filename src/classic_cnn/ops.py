@@ -528,10 +528,11 @@ def _direct_forward(x, w, b, pads, oh, ow, relu):
     return y, cache, body, y.size * kh * kw * cin * NS_PER_MAC_DIRECT
 
 
-def _direct_backward(dy, cache, input_grad):
+def _direct_backward(dy, cache, input_grad, after=None):
     """The direct path's backward pass: ``(body(s, e), finish())`` where body computes the
     gradients of images s..e from ``dy[s:e]`` (read when body runs, so it may be filled just
-    before) and finish returns ``(dx, dw, db)``; and the estimated one-thread time in ns."""
+    before), then runs ``after(dx, s, e)`` if given, and finish returns ``(dx, dw, db)``; and
+    the estimated one-thread time in ns."""
     x, w, has_bias, _, pads, _, y = cache
     kh, kw, cin, cout = w.shape
     relu = y is not None
@@ -560,6 +561,8 @@ def _direct_backward(dy, cache, input_grad):
             dxs,
             input_grad,
         )
+        if after is not None and input_grad:
+            after(dx, s, e)
 
     def finish():  # per-image sums, added in image order (deterministic)
         db = db_parts.sum(axis=0) if has_bias else None
@@ -570,7 +573,7 @@ def _direct_backward(dy, cache, input_grad):
 
 
 def conv2d_backward(
-    dy: np.ndarray, cache: tuple, input_grad: bool = True
+    dy: np.ndarray, cache: tuple, input_grad: bool = True, after=None
 ) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
     """Gradients of :func:`conv2d_forward`.
 
@@ -580,19 +583,23 @@ def conv2d_backward(
     positions. ``dx``: each output's gradient flows back through the kernel to every input of its
     patch, ``dx_pad[n, i*s + di, j*s + dj, :] += w[di, dj] · dy[n, i, j, :]``; overlapping patches
     add up (the adjoint of im2col, "col2im").
+
+    ``after(dx, s, e)``, with ``input_grad``: run on the thread that finished images s..e of
+    dx, right after (the gradient sums of the batch norm before, while dx is in the cache).
     """
     x, path = cache[0], cache[5]
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     if path is None:  # the direct path
-        body, finish, ns = _direct_backward(dy, cache, input_grad)
+        body, finish, ns = _direct_backward(dy, cache, input_grad, after)
         _split(len(x), ns, body, 1.0)
         return finish()
-    return _im2col_backward(dy, cache, input_grad)
+    return _im2col_backward(dy, cache, input_grad, after=after)
 
 
-def _im2col_backward(dy, cache, input_grad, fill=None):
+def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
     """The im2col path of :func:`conv2d_backward`. With ``fill``, dy is not filled yet:
-    ``fill(s, e)`` fills images s..e of it, on the thread that then uses them."""
+    ``fill(s, e)`` fills images s..e of it, on the thread that then uses them; ``after(dx, s,
+    e)`` runs right after images s..e of dx are complete."""
     x, w, has_bias, stride, pads, _, y = cache
     kh, kw, cin, cout = w.shape
     relu = y is not None
@@ -638,6 +645,8 @@ def _im2col_backward(dy, cache, input_grad, fill=None):
                 dpiece = dcols[: (e - s) * per]
                 np.matmul(dy_piece, wmat_t, out=dpiece)
                 col2im_kernel(dpiece, kh, kw, stride, pt, pl, oh, ow, dx[s:e])
+                if after is not None:
+                    after(dx, s, e)
 
     _run(work, parts)
     db = db_parts.sum(axis=0) if has_bias else None
@@ -1046,7 +1055,6 @@ def batchnorm_forward(
     """
     dt, c = x.dtype, x.shape[-1]
     x2 = np.ascontiguousarray(x).reshape(-1, c)
-    rows = _block_rows(x.shape, x.dtype.itemsize)
     mean, inv_std = _bn_statistics(
         x, x2, running_mean, running_var, training, momentum, eps, moments
     )
@@ -1056,7 +1064,8 @@ def batchnorm_forward(
     kern, relu = _k().batchnorm_apply, bool(relu)
     _split(len(x2), x2.size, lambda s, e: kern(x2[s:e], mean, inv_std, g, bt, y2[s:e], relu))
     # x itself is kept, not xhat: the backward pass recomputes xhat (one array less written)
-    return y, (x2, mean, gamma, inv_std, training, x.shape, rows, (g, bt) if relu else None)
+    sum_rows = _moment_rows(x.shape, dt.itemsize)
+    return y, (x2, mean, gamma, inv_std, training, x.shape, sum_rows, (g, bt) if relu else None)
 
 
 def batchnorm_maxpool_forward(
@@ -1098,7 +1107,7 @@ def batchnorm_maxpool_forward(
             pool_into(piece.reshape(e - s, h, w, c), s, e)
 
     _split(-(-n // images), x.size + pool_ns / NS_PER_NUMBER, body)
-    return pooled, (x2, mean, gamma, inv_std, training, x.shape, rows, (g, bt)), pool_cache
+    return pooled, (x2, mean, gamma, inv_std, training, x.shape, per, (g, bt)), pool_cache
 
 
 def fold_batch_norm(
@@ -1134,12 +1143,14 @@ def fold_batch_norm(
     return w_out.reshape(w.shape), b_out
 
 
-def batchnorm_backward(dy: np.ndarray, cache: tuple):
+def batchnorm_backward(dy: np.ndarray, cache: tuple, sums=None):
     """Returns ``(dx, dgamma, dbeta)``.
 
     In training the batch statistics depend on every input, which gives the compact form
     ``dx = inv_std · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))`` with ``dxhat = dy ·
     gamma``; written per channel as ``dx = scale·dy − shift − xhat·slope`` (one compiled pass).
+    ``sums``: the blocks' sums of dy and dy·xhat, taken already by the convolution's backward
+    pass that wrote dy (:func:`batchnorm_grad_sums_taker`).
     """
     x2, mean, gamma, inv_std, training, shape, rows, fused = cache
     dt, c = x2.dtype, x2.shape[-1]
@@ -1147,24 +1158,27 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
     g, bt = fused if relu else (gamma, gamma)  # the forward pass's gamma, beta (cast to dt)
     dy2 = np.ascontiguousarray(dy, dtype=dt).reshape(-1, c)
     blocks = -(-len(dy2) // rows)
-    sb, sg = np.empty((blocks, c)), np.empty((blocks, c))
-    kern = _k().batchnorm_grad_sums
-    _split(
-        blocks,
-        dy2.size,
-        lambda s, e: kern(
-            dy2[s * rows : e * rows],
-            x2[s * rows : e * rows],
-            mean,
-            inv_std,
-            g,
-            bt,
-            relu,
-            rows,
-            sb[s:e],
-            sg[s:e],
-        ),
-    )
+    if sums is not None:
+        sb, sg = sums
+    else:
+        sb, sg = np.empty((blocks, c)), np.empty((blocks, c))
+        kern = _k().batchnorm_grad_sums
+        _split(
+            blocks,
+            dy2.size,
+            lambda s, e: kern(
+                dy2[s * rows : e * rows],
+                x2[s * rows : e * rows],
+                mean,
+                inv_std,
+                g,
+                bt,
+                relu,
+                rows,
+                sb[s:e],
+                sg[s:e],
+            ),
+        )
     dgamma, dbeta, coef = _bn_grad_coefficients(sb, sg, gamma, inv_std, training, len(dy2), dt)
     dx = np.empty(shape, dtype=dt)
     dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
@@ -1174,6 +1188,27 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple):
         lambda s, e: kern(dy2[s:e], x2[s:e], mean, inv_std, g, bt, relu, *coef, dx2[s:e]),
     )
     return dx, dgamma, dbeta
+
+
+def batchnorm_grad_sums_taker(cache: tuple):
+    """For a batch norm on images (its forward ``cache``) whose input came from a convolution:
+    ``(sums, take)``, where ``take(dy, s, e)`` puts into ``sums`` the per-image sums of dy and
+    dy·xhat of images s..e of dy, the gradient of batch norm's output (run by the
+    convolution's backward pass right after it writes those images, while they are in the
+    cache); :func:`batchnorm_backward` then takes ``sums`` instead of reading dy for them."""
+    x2, mean, _, inv_std, _, shape, per, fused = cache
+    relu = fused is not None
+    g, bt = fused if relu else (cache[2], cache[2])
+    c = shape[-1]
+    sb, sg = np.empty((shape[0], c)), np.empty((shape[0], c))
+    kern = _k().batchnorm_grad_sums
+
+    def take(dy, s, e):
+        lo, hi = s * per, e * per
+        d = dy.reshape(-1, c)[lo:hi]
+        kern(d, x2[lo:hi], mean, inv_std, g, bt, relu, per, sb[s:e], sg[s:e])
+
+    return (sb, sg), take
 
 
 def _bn_grad_coefficients(sb, sg, gamma, inv_std, training, m, dt):
@@ -1195,24 +1230,24 @@ def batchnorm_maxpool_backward(dp, bn_cache, pool_cache):
     through the pooling and sums it while it is in the cache; then, the sums known, dx is
     written from it. (Routing it again instead of keeping it costs more than it saves:
     routing is compute-bound, measured.)"""
-    x2, mean, gamma, inv_std, training, shape, rows, (g, bt) = bn_cache
-    n, h, w, c = shape
-    dt, per = x2.dtype, h * w
+    x2, mean, gamma, inv_std, training, shape, per, (g, bt) = bn_cache
+    n, c = shape[0], shape[3]
+    dt = x2.dtype
     dp = np.ascontiguousarray(dp, dtype=dt)
-    images, blocks = rows // per, -(-len(x2) // rows)
+    images = _block_rows(shape, dt.itemsize) // per
     dy, route = _maxpool_backward(dp, pool_cache)
     dy2 = dy.reshape(-1, c)
-    sb, sg = np.empty((blocks, c)), np.empty((blocks, c))
+    sb, sg = np.empty((n, c)), np.empty((n, c))  # per image, as batch norm on its own sums
     sums = _k().batchnorm_grad_sums
 
     def sum_blocks(b0, b1):
         for blk in range(b0, b1):
-            route(blk * images, min(n, (blk + 1) * images))
-            lo, hi = blk * rows, (blk + 1) * rows
-            d, xs = dy2[lo:hi], x2[lo:hi]
-            sums(d, xs, mean, inv_std, g, bt, True, rows, sb[blk : blk + 1], sg[blk : blk + 1])
+            s, e = blk * images, min(n, (blk + 1) * images)
+            route(s, e)
+            d, xs = dy2[s * per : e * per], x2[s * per : e * per]
+            sums(d, xs, mean, inv_std, g, bt, True, per, sb[s:e], sg[s:e])
 
-    _split(blocks, x2.size + dp.size, sum_blocks)
+    _split(-(-n // images), x2.size + dp.size, sum_blocks)
     dgamma, dbeta, coef = _bn_grad_coefficients(sb, sg, gamma, inv_std, training, len(x2), dt)
     dx = np.empty(shape, dtype=dt)
     dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
