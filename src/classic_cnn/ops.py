@@ -944,18 +944,17 @@ def softmax_backward(dy, y):
 # --------------------------------------------------------------------------------------------
 
 
-#: bytes per block of batch norm's per-channel sums: each block is summed on its own, then the
-#: blocks in order, so the sums do not depend on how many threads share the blocks. A block
-#: stays in a core's cache between the passes that read it, and is large enough that the calls
-#: per block cost little (measured: blocks of 200 KB cost the fused step with pooling its gain).
+#: bytes of the blocks batch norm + ReLU + max pooling takes at a time (whole images, see
+#: :func:`batchnorm_maxpool_forward`), and of the blocks of rows batch norm sums on dense
+#: inputs. A block stays in a core's cache between the passes that read it, and is large
+#: enough that the calls per block cost little (measured: blocks of 200 KB cost the fused step
+#: with pooling its gain).
 BLOCK_BYTES = 1 << 20
 
 
 def _block_rows(shape: tuple[int, ...], itemsize: int) -> int:
-    """Rows of batch norm's (M, C) view summed as one block: about ``BLOCK_BYTES`` of them,
-    and for images whole images (at least one), so that a step that takes a block of images at
-    a time (:func:`batchnorm_maxpool_forward`) sums the very blocks that batch norm on its own
-    sums."""
+    """Rows of batch norm's (M, C) view in one block: about ``BLOCK_BYTES`` of them, and for
+    images whole images (at least one)."""
     row_bytes = shape[-1] * itemsize
     if len(shape) != 4:
         return max(1, BLOCK_BYTES // row_bytes)
@@ -964,9 +963,12 @@ def _block_rows(shape: tuple[int, ...], itemsize: int) -> int:
 
 
 def _moment_rows(shape: tuple[int, ...], itemsize: int) -> int:
-    """Rows of batch norm's (M, C) view whose statistics are taken as one block: one image
-    for image inputs (so that the convolution before batch norm can take them image by image
-    as it writes them, :func:`conv2d_forward`'s ``moments``), else :func:`_block_rows`."""
+    """Rows of batch norm's (M, C) view whose statistics and gradient sums are taken as one
+    block: one image for image inputs (so that the convolution before batch norm can take the
+    statistics, and the one after it the gradient sums, image by image as it writes them),
+    else :func:`_block_rows`. Each block is summed on its own, then the blocks in order, so
+    the sums do not depend on how many threads share the blocks, nor on which step took
+    them."""
     return shape[1] * shape[2] if len(shape) == 4 else _block_rows(shape, itemsize)
 
 
