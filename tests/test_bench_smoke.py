@@ -18,7 +18,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_engine.py"
 
 @pytest.fixture
 def bench(monkeypatch):
-    """bench_engine imported fresh, with ``import torch`` and ``import threadpoolctl`` failing."""
+    """bench_engine imported fresh, with ``import torch`` and ``import threadpoolctl`` failing
+    (the engine's own use of threadpoolctl, a dependency of classic-cnn, is set up before)."""
+    from classic_cnn import ops
+
+    ops._blas_libraries()
     monkeypatch.setitem(sys.modules, "torch", None)  # None in sys.modules: ImportError on import
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)
     spec = importlib.util.spec_from_file_location("bench_engine_under_test", BENCH)

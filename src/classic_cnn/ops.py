@@ -25,6 +25,8 @@ import threading
 
 import numpy as np
 
+from ._blas import matmul as _mm
+
 Pads = tuple[tuple[int, int], tuple[int, int]]
 
 
@@ -499,7 +501,7 @@ def _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after=None):
             piece = cols[: (e - s) * per]
             _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece)
             out = y[s * per : e * per]
-            np.matmul(piece, wmat, out=out)
+            _mm(piece, wmat, out)
             if b is not None:  # bias and ReLU in one pass, while the piece is in the caches
                 bias_relu(out, b, relu)
             elif relu:
@@ -640,10 +642,10 @@ def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
             if has_bias:  # a column sum as a product with ones: ~8× faster than .sum(axis=0)
                 np.matmul(ones[: len(dy_piece)], dy_piece, out=db_parts[i])
             _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather=False)
-            np.matmul(piece.T, dy_piece, out=dw_parts[i])
+            _mm(piece.T, dy_piece, dw_parts[i])
             if input_grad:
                 dpiece = dcols[: (e - s) * per]
-                np.matmul(dy_piece, wmat_t, out=dpiece)
+                _mm(dy_piece, wmat_t, dpiece)
                 col2im_kernel(dpiece, kh, kw, stride, pt, pl, oh, ow, dx[s:e])
                 if after is not None:
                     after(dx, s, e)
@@ -820,7 +822,7 @@ def dense_forward(x: np.ndarray, w: np.ndarray, b: np.ndarray | None) -> tuple[n
     y = np.empty((len(x), w.shape[1]), dtype=np.result_type(x, w))
 
     def rows(s, e):
-        np.matmul(x[s:e], w, out=y[s:e])
+        _mm(x[s:e], w, y[s:e])
         if b is not None:
             y[s:e] += b
 
@@ -834,9 +836,9 @@ def dense_backward(dy: np.ndarray, cache: tuple):
     dx = np.empty((len(dy), w.shape[0]), dtype=np.result_type(dy, w))
     dw = np.empty(w.shape, dtype=np.result_type(x, dy))
     mm = NS_PER_MAC_BLAS
-    _split(len(dy), dx.size * w.shape[1], lambda s, e: np.matmul(dy[s:e], w.T, out=dx[s:e]), mm)
+    _split(len(dy), dx.size * w.shape[1], lambda s, e: _mm(dy[s:e], w.T, dx[s:e]), mm)
     # dw column by column block: each column is one product, whichever thread makes it
-    body = lambda s, e: np.matmul(x.T, dy[:, s:e], out=dw[:, s:e])  # noqa: E731
+    body = lambda s, e: _mm(x.T, dy[:, s:e], dw[:, s:e])  # noqa: E731
     _split(w.shape[1], dw.size * len(x), body, mm)
     return dx, dw, (dy.sum(axis=0) if has_bias else None)
 
