@@ -555,6 +555,21 @@ def load_average() -> list[float] | None:
         return None
 
 
+def engine_products() -> str:
+    """The library of classic-cnn's float32 matrix products: oneMKL (with its version) where
+    the ``mkl`` extra is installed, else NumPy's BLAS."""
+    from classic_cnn import _blas
+
+    if _blas.backend() != "mkl":
+        return "NumPy's BLAS"
+    try:
+        from importlib import metadata
+
+        return f"oneMKL {metadata.version('mkl')}, sequential, one call per engine thread"
+    except metadata.PackageNotFoundError:  # the version is only informative
+        return "oneMKL"
+
+
 def describe_machine(torch, threadpoolctl, threads: int) -> dict:
     blas = numpy_blas_info(threadpoolctl)
     return {
@@ -570,6 +585,8 @@ def describe_machine(torch, threadpoolctl, threads: int) -> dict:
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
         "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
+        # where classic-cnn's float32 matrix products run (classic_cnn/_blas.py)
+        "engine_products": engine_products(),
         "numpy_blas": [
             {
                 k: b.get(k)
@@ -679,6 +696,7 @@ def format_header(info: dict, repeats: int, min_time: float, checks: dict) -> st
         f"threads : {info['threads']} (NumPy BLAS via threadpoolctl; numba.set_num_threads; "
         f"torch.set_num_threads → {info['torch_threads']}; oneDNN {info['torch_mkldnn']})",
         f"numpy BLAS: {blas or 'none found by threadpoolctl'}",
+        f"products: classic-cnn's float32 matrix products on {info.get('engine_products')}",
         f"method  : float32, random data (fixed seed), warm-up excluded, {repeats} repeats "
         f"interleaved ours/torch, each ≥ {min_time:g} s; SGD lr {LR} momentum {MOMENTUM}, "
         "cross-entropy",
