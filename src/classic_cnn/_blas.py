@@ -74,54 +74,83 @@ def backend() -> str:
     return "mkl" if _load() is not None else "numpy"
 
 
-def _layout(a: np.ndarray) -> tuple[int, int] | None:
+def _layout(a: np.ndarray, strict: bool = False) -> tuple[int, int] | None:
     """``(transpose flag, leading dimension)`` describing the 2-D array a to CBLAS (row-major),
-    or None when its strides fit neither layout."""
+    or None when its strides fit neither layout.
+
+    strict: the rule NumPy's ``matmul`` applies before it hands a product to its BLAS (no
+    allowance for a single row or column with another stride)."""
     rows, cols = a.shape
     item = a.itemsize
     s0, s1 = a.strides
-    if cols == 1 or s1 == item:  # rows stored one after another
-        ld = cols if rows == 1 else s0 // item
+    if s1 == item or (cols == 1 and not strict):  # rows stored one after another
+        ld = cols if rows == 1 and not strict else s0 // item
         if ld >= max(cols, 1) and (rows == 1 or s0 % item == 0):
             return _ROW, ld
-    if rows == 1 or s0 == item:  # a transposed view: columns stored one after another
-        ld = rows if cols == 1 else s1 // item
+    if s0 == item or (rows == 1 and not strict):  # a transposed view: columns one after another
+        ld = rows if cols == 1 and not strict else s1 // item
         if ld >= max(rows, 1) and (cols == 1 or s1 % item == 0):
             return _TRANS, ld
     return None
 
 
+def _blas_ready(a: np.ndarray, strict: bool) -> tuple[np.ndarray, tuple[int, int]]:
+    """a itself with its CBLAS layout, or a contiguous copy of it where its strides fit none."""
+    layout = _layout(a, strict)
+    if layout is None:
+        a = np.ascontiguousarray(a)
+        layout = (_ROW, a.shape[1])
+    return a, layout
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out[...] = a @ b`` for 2-D a (M, K), b (K, N) and out (M, N): NumPy's ``matmul``
-    numbers up to rounding (the sums may be added in another order)."""
+    numbers up to rounding (the sums may be added in another order).
+
+    The library that computes a product, and so its bits, never depends on how the operands
+    lie in memory: an operand whose strides fit no BLAS layout is copied to a contiguous array
+    first (NumPy's ``matmul`` would otherwise add it up in its own loop, and the same product
+    from a contiguous copy would go to BLAS: other bits on some CPUs), and a result that is not
+    stored row by row is computed into one and copied.
+    """
     if (
-        a.dtype == b.dtype == out.dtype == np.float32
+        a.dtype == b.dtype == out.dtype
+        and a.dtype == np.float32
         and a.ndim == b.ndim == out.ndim == 2
         and a.size
         and b.size
-    ):
+        and a.shape[1] == b.shape[0]
+        and out.shape == (a.shape[0], b.shape[1])
+    ):  # anything else (float64 included): NumPy's matmul, which raises on shapes that do not fit
         sgemm = _STATE["sgemm"] if "sgemm" in _STATE else _load()
+        strict = sgemm is None  # NumPy's own rule where NumPy's BLAS computes it
+        a, la = _blas_ready(a, strict)
+        b, lb = _blas_ready(b, strict)
+        lc = _layout(out, strict)
+        target = out if lc is not None and lc[0] == _ROW else np.empty(out.shape, out.dtype)
+        lc = _layout(target, strict)
         if sgemm is not None:
-            la, lb = _layout(a), _layout(b)
-            lc = _layout(out)
-            if la and lb and lc and lc[0] == _ROW:
-                m, k = a.shape
-                n = b.shape[1]
-                sgemm(
-                    _ROW_MAJOR,
-                    la[0],
-                    lb[0],
-                    m,
-                    n,
-                    k,
-                    1.0,
-                    a.ctypes.data,
-                    la[1],
-                    b.ctypes.data,
-                    lb[1],
-                    0.0,
-                    out.ctypes.data,
-                    lc[1],
-                )
-                return out
+            m, k = a.shape
+            n = b.shape[1]
+            sgemm(
+                _ROW_MAJOR,
+                la[0],
+                lb[0],
+                m,
+                n,
+                k,
+                1.0,
+                a.ctypes.data,
+                la[1],
+                b.ctypes.data,
+                lb[1],
+                0.0,
+                target.ctypes.data,
+                lc[1],
+            )
+        else:
+            np.matmul(a, b, out=target)
+        if target is not out:
+            out[...] = target
+        return out
     return np.matmul(a, b, out=out)
