@@ -111,6 +111,7 @@ def test_predict_any_image_size(trained, data_env):
     assert json.loads(kept)[0]["inverted"] is False
 
 
+@pytest.mark.determinism
 def test_same_seed_same_weights_through_the_cli(data_env):
     from safetensors.numpy import load_file
 

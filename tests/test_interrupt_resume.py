@@ -54,6 +54,7 @@ def data():
     return bars(240).stratified_split(40, seed=0)
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("signum,at", [(signal.SIGINT, 9), (signal.SIGTERM, 14)])
 def test_signal_mid_epoch_then_resume_gives_the_same_weights(tmp_path, data, signum, at):
     straight = small_model(seed=2, dropout=0.2)

@@ -249,6 +249,7 @@ def test_batch_norm_uses_running_statistics_at_inference(rng):
     np.testing.assert_allclose(y, (x - mean) / np.sqrt(var + 1e-5), rtol=1e-5)
 
 
+@pytest.mark.determinism
 def test_same_seed_gives_identical_training(rng):
     x, y = rng.random((16, 28, 28, 1)).astype(np.float32), rng.integers(0, 10, 16)
     runs = []

@@ -33,6 +33,7 @@ def test_sgd_momentum_nesterov_weight_decay_follow_the_formula(rng):
         np.testing.assert_allclose(got, w, rtol=1e-12)
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("nesterov,wd", [(False, 0.0), (False, 5e-4), (True, 5e-4)])
 def test_sgd_momentum_gives_the_bits_of_numpys_in_place_formula(rng, dtype, nesterov, wd):

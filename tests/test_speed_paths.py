@@ -183,6 +183,7 @@ def test_relu_backward_matches_numpy(rng, dtype):
     np.testing.assert_array_equal(dx, np.where(x > 0, dy, 0))
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("arch", ["lenet5", "small", "article"])
 def test_a_training_step_twice_gives_bit_identical_weights(arch):
     """Same weights, data and thread count: two training steps agree to the last bit."""

@@ -29,6 +29,7 @@ def _conv_all(x, w, b, stride, padding):
     return (y, *ops.conv2d_backward(dy, cache)), dy
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize(
     "shape,kernel,stride,padding",
@@ -145,6 +146,7 @@ def test_concurrent_callers_restore_blas_when_the_last_one_ends():
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.determinism
 @pytest.mark.parametrize("arch", ["fashion", "tinyvgg"])
 def test_a_threaded_training_step_twice_gives_bit_identical_weights(arch, split_everything):
     def one_run():
