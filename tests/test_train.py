@@ -323,3 +323,20 @@ def test_uint8_arrays_are_normalised_like_a_dataset():
     expected = Preprocessing.from_dataset(data, model.input_shape)
     assert model.preprocessing.mean == expected.mean and model.preprocessing.std == expected.std
     assert model.predict_proba(data.images[:4]).shape[0] == 4
+
+
+@pytest.mark.parametrize("shape,input_shape", [((7, 5, 6, 3), None), ((9, 4, 4, 1), (4, 4, 3))])
+def test_preprocessing_statistics_are_the_mean_and_std_of_the_scaled_pixels(shape, input_shape):
+    """Per channel, over the first 10,000 images once converted to the model's input: the
+    mean and the (population) standard deviation of image / 255, to the 6 decimals kept."""
+    rng = np.random.default_rng(5)
+    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    images[0] = 255  # a skewed histogram, not a uniform one
+    data = Dataset(images, np.zeros(len(images), np.int64), classes=["a"])
+    prep = Preprocessing.from_dataset(data, input_shape)
+    x = images.astype(np.float64) / 255.0
+    if input_shape is not None:  # grayscale repeated into RGB: the same numbers per channel
+        x = np.repeat(x, 3, axis=3)
+    np.testing.assert_allclose(prep.mean, x.mean(axis=(0, 1, 2)), atol=6e-7)
+    np.testing.assert_allclose(prep.std, x.std(axis=(0, 1, 2)), atol=6e-7)
+    assert len(prep.mean) == len(prep.std) == (input_shape or shape[1:])[2]
