@@ -163,6 +163,78 @@ def ours_workload(model: Sequential, kind: str, batches) -> Workload:
     return work
 
 
+#: fit(): the share of the training images the default validation split holds (cnn train keeps
+#: 5,000 of Fashion-MNIST's 60,000 for validation)
+VAL_SHARE = 1 / 12
+
+
+def make_images(count: int, seed: int, input_shape=INPUT_SHAPE) -> tuple[np.ndarray, np.ndarray]:
+    """``count`` random uint8 images (N, H, W, C) and labels: what fit() takes from a user."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(count, *input_shape), dtype=np.uint8)
+    return images, rng.integers(0, CLASSES, size=count, dtype=np.int64)
+
+
+def ours_fit_workload(
+    model: Sequential, images, labels, batch: int, val=None, checkpoint=None
+) -> Workload:
+    """One epoch of ``fit()`` on uint8 images as a user calls it (shuffled batches converted
+    and normalised as they are drawn, running loss and accuracy, one line per epoch), with
+    SGD(lr, momentum); with ``val`` and ``checkpoint``: validation after the epoch and the
+    training state written (atomically) to ``checkpoint``. The preprocessing statistics are
+    taken on the first call (run setup, not an epoch's work)."""
+    import io
+
+    from rich.console import Console
+
+    from classic_cnn.train import fit
+
+    optimizer = SGD(lr=LR, momentum=MOMENTUM)
+    console = Console(file=io.StringIO())
+    calls = itertools.count()
+
+    def epoch():
+        console.file = io.StringIO()
+        state = fit(
+            model,
+            (images, labels),
+            val,
+            epochs=1,
+            batch_size=batch,
+            optimizer=optimizer,
+            seed=next(calls),
+            progress=False,
+            console=console,
+            checkpoint=checkpoint,
+            restore_best=False,
+        )
+        return state.history[-1]["train_loss"]
+
+    return Workload(step=epoch, batch=len(images))
+
+
+def ours_steps_workload(model: Sequential, images, labels, batch: int) -> Workload:
+    """The same epoch as :func:`ours_fit_workload` as ``train_step`` calls alone, on batches
+    converted beforehand: what fit() would cost if it added nothing around the step."""
+    from classic_cnn.data.batches import Preprocessing, iterate_batches
+    from classic_cnn.data.dataset import Dataset
+
+    prep = model.preprocessing or Preprocessing.from_dataset(
+        Dataset(images, labels, classes=[str(k) for k in range(CLASSES)]), model.input_shape
+    )
+    order = np.random.default_rng(0)
+    batches = list(iterate_batches(images, labels, batch, order, prep, dtype=model.dtype))
+    loss, optimizer = CrossEntropyLoss(), SGD(lr=LR, momentum=MOMENTUM)
+
+    def epoch():
+        value = 0.0
+        for x, y in batches:
+            value = model.train_step(x, y, loss, optimizer)
+        return value
+
+    return Workload(step=epoch, batch=len(images))
+
+
 def run_steps(work: Workload, steps: int) -> float:
     """Seconds for ``steps`` calls of ``work.step()``, garbage collection paused (as timeit)."""
     gc_was_on = gc.isenabled()
@@ -503,6 +575,75 @@ def torch_workload(torch, net, kind: str, tbatches) -> Workload:
     return work
 
 
+def torch_fit_workload(torch, net, images, labels, prep, batch: int, val=None, checkpoint=None):
+    """The loop a PyTorch user writes for one epoch, on tensors already in memory (normalised
+    and NCHW beforehand, outside the timing): a random permutation, each batch gathered by
+    index, SGD step, running loss and accuracy; with ``val``: evaluation in batches of 1,000
+    under no_grad, then model and optimizer state saved with torch.save (to a temporary file
+    renamed over ``checkpoint``, as classic-cnn writes it)."""
+
+    def tensor(x):
+        z = prep.apply(x, np.float32).transpose(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(z))
+
+    x, y = tensor(images), torch.from_numpy(labels)
+    xv = yv = None
+    if val is not None:
+        xv, yv = tensor(val[0]), torch.from_numpy(val[1])
+    loss_fn = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(net.parameters(), lr=LR, momentum=MOMENTUM)
+    generator = torch.Generator().manual_seed(0)
+
+    def epoch():
+        net.train()
+        order = torch.randperm(len(x), generator=generator)
+        total, correct = 0.0, 0
+        for start in range(0, len(x), batch):
+            idx = order[start : start + batch]
+            xb, yb = x[idx], y[idx]
+            optimizer.zero_grad(set_to_none=True)
+            out = net(xb)
+            loss = loss_fn(out, yb)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(idx)
+            correct += int((out.argmax(dim=1) == yb).sum())
+        if xv is not None:
+            net.eval()
+            with torch.no_grad():
+                val_loss = sum(
+                    float(loss_fn(net(xv[i : i + 1000]), yv[i : i + 1000])) * len(yv[i : i + 1000])
+                    for i in range(0, len(xv), 1000)
+                )
+            state = {"model": net.state_dict(), "optimizer": optimizer.state_dict(), "v": val_loss}
+            tmp = f"{checkpoint}.tmp"
+            torch.save(state, tmp)
+            os.replace(tmp, checkpoint)
+        return total / len(x)
+
+    return Workload(step=epoch, batch=len(x))
+
+
+def ort_workload(ours: Sequential, x: np.ndarray, threads: int, folder: str) -> Workload:
+    """ONNX Runtime (CPU execution provider, ``threads`` threads) on the model as ``cnn
+    export`` writes it (channels-last input, softmax output): what a user would deploy."""
+    import onnxruntime as ort
+
+    from classic_cnn.export import export_onnx
+
+    path = export_onnx(ours, Path(folder) / "model.onnx")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # its threads sleep between runs instead of spinning: interleaved with the other engines,
+    # spinning threads would take the cores from them (torch's single-image latency fell
+    # from thousands of images per second to 12 with them)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return Workload(step=lambda: session.run(None, {name: x})[0], batch=len(x))
+
+
 def torch_matmul_peak(torch, size: int, seconds: float = 0.5) -> float:
     """Best GFLOP/s of PyTorch's float32 ``size × size`` matrix product."""
     a, b = torch.rand(size, size), torch.rand(size, size)
@@ -610,9 +751,19 @@ def describe_machine(torch, threadpoolctl, threads: int) -> dict:
 
 
 def run_benchmarks(
-    torch, repeats: int, min_time: float, seed: int, networks=NETWORKS, log=print
+    torch,
+    repeats: int,
+    min_time: float,
+    seed: int,
+    networks=NETWORKS,
+    log=print,
+    threads: int = 1,
+    folder: str | None = None,
+    fit_batch: bool = True,
 ) -> tuple:
-    """Every measurement of :data:`BENCHMARKS` on every network; returns ``(results, checks)``."""
+    """Every measurement of :data:`BENCHMARKS` on every network, inference also against ONNX
+    Runtime where ``folder`` (for the exported models) is given, and with ``fit_batch`` one
+    epoch through ``fit()`` (:func:`measure_fit`); returns ``(results, checks)``."""
     results, checks = [], {}
     for network in networks:
         for key, label, kind, batch in BENCHMARKS:
@@ -636,6 +787,8 @@ def run_benchmarks(
                 "ours": ours_workload(ours, kind, batches),
                 "torch": torch_workload(torch, net, kind, tbatches),
             }
+            if kind == "infer" and folder is not None:  # the second peer: ONNX Runtime
+                works["ort"] = ort_workload(ours, batches[0][0], threads, folder)
             log(f"  {network}: {label}, batch {batch} ...", flush=True)
             m = measure(works, repeats, min_time)
             has_dropout = any(isinstance(layer, Dropout) for layer in ours.layers)
@@ -669,7 +822,73 @@ def run_benchmarks(
                     "ratio_paired_max": max(paired),
                 }
             )
+            if "ort" in m:
+                r = m["ort"]["img_per_s"]
+                paired = [a / b for a, b in zip(o["samples"], r["samples"], strict=True)]
+                results[-1].update(
+                    ort=m["ort"],
+                    ratio_ort_median=o["median"] / r["median"],
+                    ratio_ort_paired_min=min(paired),
+                    ratio_ort_paired_max=max(paired),
+                )
+        if fit_batch:
+            per_step = next(
+                r["ours"]["seconds_per_step_median"]
+                for r in results
+                if r["network"] == network and r["key"] == "train64"
+            )
+            for with_val in (False, True):
+                results.append(
+                    measure_fit(torch, network, seed, repeats, min_time, per_step, with_val, log)
+                )
     return results, checks
+
+
+def measure_fit(torch, network, seed, repeats, min_time, per_step, with_val, log=print) -> dict:
+    """One epoch through ``fit()`` against the same loop in PyTorch, and against the sum of
+    its ``train_step`` calls (what the loop around the step costs). The epoch has at least 16
+    steps of batch 64 and lasts about twice ``min_time``; with ``with_val`` a validation set of
+    :data:`VAL_SHARE` of the training images is checked after it and a checkpoint written."""
+    batch = 64
+    steps = max(16, math.ceil(2 * min_time / max(per_step, 1e-9)))
+    ours = build_network(network, seed)
+    net = torch_net_from(torch, ours)
+    images, labels = make_images(steps * batch, seed, ours.input_shape)
+    val = make_images(math.ceil(len(images) * VAL_SHARE), seed + 1, ours.input_shape)
+    with tempfile.TemporaryDirectory() as folder:
+        kw = {"val": val, "checkpoint": Path(folder) / "state"} if with_val else {}
+        fit_work = ours_fit_workload(ours, images, labels, batch, **kw)
+        fit_work.step()  # takes the preprocessing statistics (run setup), then warms up
+        works = {
+            "ours": fit_work,
+            "torch": torch_fit_workload(
+                torch, net, images, labels, ours.preprocessing, batch, **kw
+            ),
+            "steps": ours_steps_workload(ours.copy(), images, labels, batch),
+        }
+        what = "fit() epoch" + (" + validation + checkpoint" if with_val else "")
+        log(f"  {network}: {what}, {len(images):,} images, batch {batch} ...", flush=True)
+        m = measure(works, repeats, min_time)
+    o, t = m["ours"]["img_per_s"], m["torch"]["img_per_s"]
+    paired = [a / b for a, b in zip(o["samples"], t["samples"], strict=True)]
+    return {
+        "network": network,
+        "key": "fit64val" if with_val else "fit64",
+        "label": what,
+        "kind": "fit",
+        "batch": batch,
+        "images": len(images),
+        "val_images": len(val[0]) if with_val else 0,
+        "params": ours.count_params(),
+        "ours": m["ours"],
+        "torch": m["torch"],
+        "steps": m["steps"],
+        "ratio_median": o["median"] / t["median"],
+        "ratio_paired_min": min(paired),
+        "ratio_paired_max": max(paired),
+        # fit()'s epoch time over the same epoch's train_step calls alone
+        "fit_over_steps": m["steps"]["img_per_s"]["median"] / o["median"],
+    }
 
 
 def _rate(v: float) -> str:
@@ -780,6 +999,48 @@ def format_table(results: list[dict], peak_gflops: float | None = None) -> str:
     return "\n".join([rule, fmt(head), rule, *map(fmt, rows[1:]), rule, legend])
 
 
+def onnxruntime_version() -> str | None:
+    """ONNX Runtime's version where it and onnx are installed (the ``onnx`` extra), else None."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def format_peers(results: list[dict], ort_version: str | None = None) -> str:
+    """ONNX Runtime as the inference peer, and what fit() adds around its training steps."""
+    lines = []
+    ort = [r for r in results if "ort" in r]
+    if ort:
+        lines.append(
+            f"vs ONNX Runtime {ort_version or ''} (CPU execution provider, same threads, the "
+            "model as `cnn export` writes it; ours/ORT > 1 means classic-cnn is faster):"
+        )
+        for r in ort:
+            o, t = r["ours"]["img_per_s"], r["ort"]["img_per_s"]
+            lines.append(
+                f"  {r.get('network', 'lenet5'):<8} {r['label']:<27} batch {r['batch']:>4}: "
+                f"ours {_rate(o['median'])} img/s, ORT {_rate(t['median'])} img/s, ours/ORT "
+                f"{r['ratio_ort_median']:.2f} (paired {r['ratio_ort_paired_min']:.2f}–"
+                f"{r['ratio_ort_paired_max']:.2f})"
+            )
+    fits = [r for r in results if "fit_over_steps" in r]
+    if fits:
+        lines.append(
+            "fit(): an epoch's time over the sum of its train_step calls alone (1.00: nothing "
+            "added around the step):"
+        )
+        for r in fits:
+            lines.append(
+                f"  {r.get('network', 'lenet5'):<8} {r['label']:<40} {r['images']:>6,} images: "
+                f"{r['fit_over_steps']:.3f} (steps alone {_rate(r['steps']['img_per_s']['median'])}"
+                " img/s)"
+            )
+    return "\n".join(lines)
+
+
 def format_extras(memory: dict | None, startup: dict | None) -> str:
     """The memory and start-up figures as lines of text."""
     lines = []
@@ -849,6 +1110,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="epochs of the memory measurement (default 5; 1 with --quick)",
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
+    p.add_argument("--no-fit", action="store_true", help="skip the fit() epochs")
+    p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime as inference peer")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up times")
     p.add_argument(
         "--quick",
@@ -901,11 +1164,21 @@ def main(argv=None) -> int:
         info["matmul_size"] = size
         info["matmul_peak_gflops"] = matmul_peak(size)
         info["torch_matmul_peak_gflops"] = torch_matmul_peak(torch, size)
-        count = len(BENCHMARKS) * len(args.networks)
+        count = (len(BENCHMARKS) + 2 * (not args.no_fit)) * len(args.networks)
         print(f"timing {count} measurements, {args.repeats} repeats each:", flush=True)
-        results, checks = run_benchmarks(
-            torch, args.repeats, args.min_time, args.seed, args.networks
-        )
+        ort_version = None if args.no_ort else onnxruntime_version()
+        info["onnxruntime"] = ort_version
+        with tempfile.TemporaryDirectory() as folder:
+            results, checks = run_benchmarks(
+                torch,
+                args.repeats,
+                args.min_time,
+                args.seed,
+                args.networks,
+                threads=args.threads,
+                folder=folder if ort_version else None,
+                fit_batch=not args.no_fit,
+            )
     info["load_average_after"] = load_average()
     memory = startup = None
     if not args.no_memory:
@@ -917,6 +1190,9 @@ def main(argv=None) -> int:
     print()
     print(format_header(info, args.repeats, args.min_time, checks))
     print(format_table(results, info["matmul_peak_gflops"]))
+    peers = format_peers(results, info.get("onnxruntime"))
+    if peers:
+        print(peers)
     extras = format_extras(memory, startup)
     if extras:
         print(extras)

@@ -138,3 +138,54 @@ def test_child_peak_is_its_own_not_the_parents(bench):
     own_peak, _inherited = json.loads(out.stdout)
     assert big.sum() > 0
     assert own_peak < 250 * 1024**2, f"child peak {own_peak / 1024**2:.0f} MiB counts the parent"
+
+
+@pytest.mark.parametrize("with_val", [False, True])
+def test_a_fit_epoch_and_its_steps_alone_train_on_the_same_images(bench, tmp_path, with_val):
+    """The end-to-end figure: one epoch through fit() (with validation and a checkpoint when
+    asked) and the same epoch as train_step calls alone both update the weights and report a
+    finite rate; the checkpoint is written."""
+    model = bench.build_lenet(seed=0)
+    images, labels = bench.make_images(70, seed=0)
+    assert images.dtype == np.uint8 and images.shape == (70, 28, 28, 1)
+    kw = {"val": bench.make_images(6, seed=1), "checkpoint": tmp_path / "state"} if with_val else {}
+    fit_work = bench.ours_fit_workload(model, images, labels, 32, **kw)
+    before = {k: v.copy() for k, v in model.parameters().items()}
+    assert math.isfinite(fit_work.step())
+    assert model.preprocessing is not None  # the statistics were taken on the first call
+    assert any(not np.array_equal(before[k], v) for k, v in model.parameters().items())
+    assert (tmp_path / "state").exists() == with_val
+    steps = bench.ours_steps_workload(model.copy(), images, labels, 32)
+    result = bench.measure({"fit": fit_work, "steps": steps}, 2, 1e-4, warmup_time=0.0)
+    for side in result.values():
+        assert all(math.isfinite(r) and r > 0 for r in side["img_per_s"]["samples"])
+    assert fit_work.batch == steps.batch == 70
+
+
+def test_peers_report_ort_ratios_and_fit_overhead(bench):
+    sample = {"median": 100.0, "min": 90.0, "max": 110.0, "q1": 95.0, "q3": 105.0}
+    side = {"steps_per_repeat": 3, "seconds_per_step_median": 0.01, "img_per_s": sample}
+    results = [
+        {
+            "network": "lenet5",
+            "label": "inference (predict_proba)",
+            "batch": 1000,
+            "ours": side,
+            "ort": side,
+            "ratio_ort_median": 1.25,
+            "ratio_ort_paired_min": 1.1,
+            "ratio_ort_paired_max": 1.3,
+        },
+        {
+            "network": "fashion",
+            "label": "fit() epoch",
+            "images": 4096,
+            "ours": side,
+            "steps": side,
+            "fit_over_steps": 1.031,
+        },
+    ]
+    text = bench.format_peers(results, "1.0")
+    assert "ours/ORT 1.25 (paired 1.10–1.30)" in text
+    assert "fashion" in text and "4,096 images: 1.031" in text
+    assert bench.format_peers([]) == ""
