@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 # no AVX-512 (AMD EPYC, older Intel), whatever this machine's CPU: OpenBLAS's Haswell kernel,
 # oneMKL's AVX2 path and numba's kernels built for Haswell; once with the products on oneMKL,
 # once on NumPy's BLAS. Skipped on a CPU without AVX2 (those kernels would not run there).
-AVX2_RUNS := "OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 NUMBA_CPU_NAME=haswell" \
+AVX2_RUNS := "OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 NUMBA_CPU_NAME=haswell CLASSIC_CNN_BLAS=mkl" \
 	"OPENBLAS_CORETYPE=Haswell NUMBA_CPU_NAME=haswell CLASSIC_CNN_BLAS=numpy"
 
 $(STAMP): pyproject.toml

@@ -3,6 +3,7 @@ installed, NumPy's BLAS otherwise, the same products either way."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,18 +26,65 @@ def _mkl_installed() -> bool:
     return True
 
 
-def test_the_installed_mkl_is_the_one_used():
-    """Where ``pip install '.[mkl]'`` put oneMKL, float32 products go to it (unless turned off)."""
-    if os.environ.get("CLASSIC_CNN_BLAS", "").lower() == "numpy":
-        assert _blas.backend() == "numpy"
-    elif _mkl_installed():
-        assert _blas.backend() == "mkl"
-        assert (
-            "libmkl_rt" in os.path.basename(_blas._STATE["path"])
-            or "mkl_rt" in (_blas._STATE["path"])
-        )
+def _choice_in_child(env: dict) -> dict:
+    """``_blas.choice()`` in a fresh process with ``env`` added to the environment."""
+    code = "import json; from classic_cnn import _blas; print(json.dumps(_blas.choice()))"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_library_in_use_is_the_one_chosen():
+    """In this process: oneMKL when asked, or when measured (or remembered) at least as fast;
+    NumPy's BLAS when asked, when measured faster, or when oneMKL is not installed."""
+    chosen = _blas.choice()
+    assert _blas.backend() == chosen["backend"]
+    asked = os.environ.get("CLASSIC_CNN_BLAS", "").lower()
+    if asked == "numpy" or not _mkl_installed():
+        assert chosen["backend"] == "numpy"
+    elif asked == "mkl":
+        assert chosen["backend"] == "mkl" and "mkl_rt" in _blas._STATE["path"]
     else:
-        assert _blas.backend() == "numpy"
+        g = chosen["gflops"]
+        faster = "numpy" if g["numpy"] > _blas.CHOICE_MARGIN * g["mkl"] else "mkl"
+        assert chosen["backend"] == faster, chosen
+
+
+@pytest.mark.skipif(not _mkl_installed(), reason="oneMKL (the mkl extra) is not installed")
+def test_the_choice_is_measured_once_per_machine_and_remembered(tmp_path):
+    env = {"CLASSIC_CNN_CACHE": str(tmp_path), "CLASSIC_CNN_BLAS": "auto"}
+    first = _choice_in_child(env)
+    assert first["how"] == "measured now"
+    assert set(first["gflops"]) == {"mkl", "numpy"} and min(first["gflops"].values()) > 0
+    record = json.loads((tmp_path / "blas-choice.json").read_text())
+    assert len(record) == 1
+    again = _choice_in_child(env)
+    assert again["how"].startswith("remembered") and again["backend"] == first["backend"]
+    # other kernels (oneMKL's AVX2 path): another machine as far as the choice goes
+    other = _choice_in_child({**env, "MKL_ENABLE_INSTRUCTIONS": "AVX2"})
+    assert other["how"] == "measured now" and other["mkl_code_path"] == "AVX2"
+    assert len(json.loads((tmp_path / "blas-choice.json").read_text())) == 2
+
+
+@pytest.mark.skipif(not _mkl_installed(), reason="oneMKL (the mkl extra) is not installed")
+@pytest.mark.parametrize("asked", ["mkl", "numpy"])
+def test_asking_for_a_library_skips_the_measurement(tmp_path, asked):
+    got = _choice_in_child({"CLASSIC_CNN_CACHE": str(tmp_path), "CLASSIC_CNN_BLAS": asked})
+    assert got["backend"] == asked and got["how"].startswith("asked")
+    assert not (tmp_path / "blas-choice.json").exists()
+
+
+@pytest.mark.skipif(not _mkl_installed(), reason="oneMKL (the mkl extra) is not installed")
+def test_a_damaged_choice_file_is_measured_around_and_rewritten(tmp_path):
+    (tmp_path / "blas-choice.json").write_text('{"half a rec')
+    got = _choice_in_child({"CLASSIC_CNN_CACHE": str(tmp_path), "CLASSIC_CNN_BLAS": ""})
+    assert got["how"] == "measured now"
+    assert json.loads((tmp_path / "blas-choice.json").read_text())
 
 
 def _cases(rng, dtype):
