@@ -88,6 +88,17 @@ BENCHMARKS = (
     ("latency1", "single-image latency", "infer", 1),
 )
 
+#: ``--avx2``: the settings that make every library run the code paths of a CPU with AVX2 but
+#: no AVX-512 (AMD EPYC, older Intel), set before any of them loads (PyTorch's ATen kernels and
+#: oneDNN included; ONNX Runtime has no such setting and keeps its own choice)
+ISA_ENV = {
+    "OPENBLAS_CORETYPE": "Haswell",
+    "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+    "NUMBA_CPU_NAME": "haswell",
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+
 MISSING_EXTRA = (
     "bench_engine.py compares classic-cnn with PyTorch and needs the 'bench' extra "
     "(torch==2.13.0, threadpoolctl), which is not installed here ({err}).\n"
@@ -697,18 +708,49 @@ def load_average() -> list[float] | None:
 
 
 def engine_products() -> str:
-    """The library of classic-cnn's float32 matrix products: oneMKL (with its version) where
-    the ``mkl`` extra is installed, else NumPy's BLAS."""
+    """The library of classic-cnn's float32 matrix products and how it was chosen (measured on
+    this machine, remembered, or asked for): oneMKL (with its version and code path) or
+    NumPy's BLAS."""
     from classic_cnn import _blas
 
-    if _blas.backend() != "mkl":
-        return "NumPy's BLAS"
+    chosen = _blas.choice()
+    how = chosen.get("how", "")
+    if "gflops" in chosen:
+        g = chosen["gflops"]
+        how += f": oneMKL {g['mkl']:.0f}, NumPy's BLAS {g['numpy']:.0f} GFLOP/s on one thread"
+    if chosen["backend"] != "mkl":
+        return f"NumPy's BLAS ({how})"
     try:
         from importlib import metadata
 
-        return f"oneMKL {metadata.version('mkl')}, sequential, one call per engine thread"
+        version = f" {metadata.version('mkl')}"
     except metadata.PackageNotFoundError:  # the version is only informative
-        return "oneMKL"
+        version = ""
+    path = chosen.get("mkl_code_path", "?")
+    return f"oneMKL{version}, {path} code path, sequential, one call per engine thread ({how})"
+
+
+def vector_extensions() -> str:
+    """The CPU's vector instruction sets that decide the kernels (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+    except OSError:
+        return "unknown"
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile")
+    have = [name.upper() for name in wanted if name in flags]
+    return ", ".join(have) or "no AVX2"
+
+
+def compiled_target() -> str:
+    """The CPU numba builds the compiled loops for (``NUMBA_CPU_NAME`` or this host's)."""
+    try:
+        import numba
+        from llvmlite import binding
+    except ImportError:
+        return "numba not installed"
+    name = numba.config.CPU_NAME
+    return f"{name} (NUMBA_CPU_NAME)" if name else f"{binding.get_host_cpu_name()} (this host)"
 
 
 def describe_machine(torch, threadpoolctl, threads: int) -> dict:
@@ -726,8 +768,12 @@ def describe_machine(torch, threadpoolctl, threads: int) -> dict:
         "threads": threads,
         "torch_threads": torch.get_num_threads(),
         "torch_mkldnn": bool(torch.backends.mkldnn.is_available()),
+        "torch_cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", str)(),
         # where classic-cnn's float32 matrix products run (classic_cnn/_blas.py)
         "engine_products": engine_products(),
+        "vector_extensions": vector_extensions(),
+        "compiled_target": compiled_target(),
+        "kernel_settings": {k: os.environ[k] for k in ISA_ENV if k in os.environ},
         "numpy_blas": [
             {
                 k: b.get(k)
@@ -916,6 +962,10 @@ def format_header(info: dict, repeats: int, min_time: float, checks: dict) -> st
         f"torch.set_num_threads → {info['torch_threads']}; oneDNN {info['torch_mkldnn']})",
         f"numpy BLAS: {blas or 'none found by threadpoolctl'}",
         f"products: classic-cnn's float32 matrix products on {info.get('engine_products')}",
+        f"vectors : {info.get('vector_extensions')}; torch's kernels "
+        f"{info.get('torch_cpu_capability')}; numba builds for "
+        f"{info.get('compiled_target')}; settings: "
+        + (" ".join(f"{k}={v}" for k, v in (info.get("kernel_settings") or {}).items()) or "none"),
         f"method  : float32, random data (fixed seed), warm-up excluded, {repeats} repeats "
         f"interleaved ours/torch, each ≥ {min_time:g} s; SGD lr {LR} momentum {MOMENTUM}, "
         "cross-entropy",
@@ -1111,6 +1161,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
     p.add_argument("--no-fit", action="store_true", help="skip the fit() epochs")
+    p.add_argument(
+        "--avx2",
+        action="store_true",
+        help="run every library on its AVX2 code path (as on AMD EPYC), whatever this CPU",
+    )
     p.add_argument("--no-ort", action="store_true", help="skip ONNX Runtime as inference peer")
     p.add_argument("--no-startup", action="store_true", help="skip the start-up times")
     p.add_argument(
@@ -1150,6 +1205,11 @@ def set_compiled_threads(threads: int) -> str | None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.avx2 and any(os.environ.get(k) != v for k, v in ISA_ENV.items()):
+        # the libraries read these when they load: start again with them set
+        argv = sys.argv[1:] if argv is None else list(argv)
+        cmd = [sys.executable, str(Path(__file__).resolve()), *argv]
+        return subprocess.run(cmd, env={**os.environ, **ISA_ENV}, check=False).returncode
     if args.memory_child is not None:  # the child: no torch, one JSON line
         set_compiled_threads(args.threads)
         print(json.dumps(memory_child(args.memory_child, args.memory_limit)))

@@ -189,3 +189,19 @@ def test_peers_report_ort_ratios_and_fit_overhead(bench):
     assert "ours/ORT 1.25 (paired 1.10–1.30)" in text
     assert "fashion" in text and "4,096 images: 1.031" in text
     assert bench.format_peers([]) == ""
+
+
+def test_the_header_names_the_kernels_that_ran(bench, monkeypatch):
+    """The CPU's vector extensions, numba's target and the products' library with how it was
+    chosen: what decides the figures on one CPU family or another."""
+    from classic_cnn import _blas
+
+    ext = bench.vector_extensions()
+    assert ext and ("AVX2" in ext or ext in ("no AVX2", "unknown"))
+    numba = pytest.importorskip("numba")
+    monkeypatch.setattr(numba.config, "CPU_NAME", "haswell")
+    assert bench.compiled_target() == "haswell (NUMBA_CPU_NAME)"
+    text = bench.engine_products()
+    assert ("oneMKL" if _blas.backend() == "mkl" else "NumPy's BLAS") in text
+    assert _blas.choice()["how"].split()[0] in text
+    assert set(bench.ISA_ENV) >= {"OPENBLAS_CORETYPE", "MKL_ENABLE_INSTRUCTIONS", "NUMBA_CPU_NAME"}
