@@ -738,27 +738,67 @@ def show_curves(
     typer.echo(f"wrote {path}")
 
 
+class WhyMethod(str, Enum):
+    gradcam = "gradcam"
+    saliency = "saliency"
+    gradient_x_input = "gradient-x-input"
+    occlusion = "occlusion"
+
+
 @app.command()
 @friendly
 def explain(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model.safetensors file.")],
     image: Annotated[str, typer.Argument(metavar="IMAGE", help=IMAGE_HELP)],
-    layer: Annotated[str, typer.Option(help="A convolution, pooling or activation layer.")],
-    at: Annotated[str, typer.Option(metavar="ROW,COL", help="Position in the layer's output.")],
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="A convolution, pooling or activation layer (with --why --method gradcam: the "
+            "layer whose maps Grad-CAM weighs; default: the last before flattening)."
+        ),
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option(metavar="ROW,COL", help="Position in the layer's output.")
+    ] = None,
     filter_: Annotated[
         int | None,
         typer.Option("--filter", help="Filter / channel (default: the strongest there)."),
     ] = None,
+    why: Annotated[
+        bool,
+        typer.Option(
+            "--why", help="Why this class: a map of the pixels that pushed the network to it."
+        ),
+    ] = False,
+    method: Annotated[
+        WhyMethod, typer.Option(help="With --why: the attribution method.")
+    ] = WhyMethod.gradcam,
+    class_: Annotated[
+        str | None,
+        typer.Option("--class", help="With --why: the class to explain (default: the top one)."),
+    ] = None,
+    patch: Annotated[int, typer.Option(min=1, help="With --method occlusion: patch side.")] = 4,
+    stride: Annotated[int, typer.Option(min=1, help="With --method occlusion: its stride.")] = 2,
     invert: Annotated[
         Invert, typer.Option(help="Invert an image file to the training polarity.")
     ] = Invert.auto,
     out: Annotated[
-        Path | None, typer.Option(help="PNG file (default: explain-… by the model).")
+        Path | None, typer.Option(help="PNG file (default: explain-… or why-… by the model).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The record as JSON.")] = False,
 ) -> None:
     """The arithmetic behind one number of a feature map: patch × kernel, sum, bias,
-    activation (or a pooling window and its winner), and the receptive field in the image."""
+    activation (or a pooling window and its winner), and the receptive field in the image.
+    With --why: which pixels made the network choose a class (Grad-CAM, saliency, gradient ×
+    input or occlusion), as a PNG of the map over the input."""
+    if why:
+        _explain_why(model_path, image, method.value, class_, layer, patch, stride, invert, out,
+                     as_json)  # fmt: skip
+        return
+    if layer is None or at is None:
+        raise typer.BadParameter(
+            "give --layer and --at (the number to take apart), or --why (why this class)"
+        )
     from .explain import explain as explain_
     from .explain import parse_position
     from .viz.plots import plot_explain, save_png
@@ -775,6 +815,44 @@ def explain(
     typer.echo(f"{label}")
     typer.echo(e.to_text())
     typer.echo(f"wrote {path}")
+
+
+def _explain_why(model_path, image, method, target, layer, patch, stride, invert, out, as_json):
+    """cnn explain --why: the attribution map over the input, as a PNG."""
+    import re
+
+    from .attribution import attribute
+    from .viz.plots import plot_why, save_png
+
+    model = _load_model(model_path)
+    seen, x, label, stem = _image_input(model, image, invert)
+    options = {"layer": layer} if method == "gradcam" else {}
+    if method == "occlusion":
+        options = {"patch": patch, "stride": stride}
+    elif layer is not None and method != "gradcam":
+        raise typer.BadParameter(f"--layer is for --method gradcam, not {method}")
+    a = attribute(model, x, method, target, **options)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", a.class_name).strip("_") or str(a.class_index)
+    path = save_png(
+        plot_why(seen, a, label), _default_out(model_path, out, f"why-{stem}-{method}-{safe}.png")
+    )
+    if as_json:
+        record = {k: v for k, v in a.to_dict().items() if k in WHY_FIELDS}
+        typer.echo(json.dumps(record | {"image": label, "png": str(path)}))
+        return
+    typer.echo(label)
+    typer.echo(
+        f"why {a.class_name!r} ({'the top class' if a.chosen == 'top' else 'as asked'}, "
+        f"probability {a.probability:.4f}): {a.scale_text()}"
+    )
+    typer.echo(f"wrote {path}")
+
+
+#: what cnn explain --why --json prints (the map and the method's own arrays; not the layer's maps)
+WHY_FIELDS = (
+    "method", "map", "class_index", "class_name", "chosen", "probability", "score", "signed",
+    "layer", "weights", "drops", "patch", "stride", "fill", "vmin", "vmax", "scale",
+)  # fmt: skip
 
 
 @app.command()
