@@ -8,12 +8,15 @@ import json
 import numpy as np
 import pytest
 
+import classic_cnn as cc
 from classic_cnn import io
 from classic_cnn.attribution import attribute
+from classic_cnn.viz.report import why_picks, why_section
 from tests import test_cli, test_viz_cli
-from tests.test_viz import PNG
+from tests.test_viz import PNG, check_report
 
-data_env, run, model_file = test_cli.data_env, test_cli.run, test_viz_cli.model_file
+data_env, run, trained = test_cli.data_env, test_cli.run, test_cli.trained
+model_file = test_viz_cli.model_file
 
 
 def _input(model_file, index):
@@ -68,3 +71,51 @@ def test_why_refusals_are_one_line(model_file):
         assert result.exit_code == code and fragment in result.output, (args, result.output)
     bare = run("explain", model_file, "test:0")
     assert bare.exit_code == 2 and "give --layer and --at" in bare.output
+
+
+def test_the_training_report_shows_grad_cam_of_right_and_wrong_images(trained):
+    html = (trained.parent / "report.html").read_text(encoding="utf-8")
+    check_report(html)
+    start = html.index('<section id="why">')
+    section = html[start : html.index("</section>", start)]
+    assert "Grad-CAM on relu_2" in section  # lenet5's last activation before flattening
+    assert "Correctly classified validation images" in section
+    # this small run on easy bars may make no mistakes on its 50 validation images
+    if "No misclassified images." in section:
+        assert section.count("<img") == 1
+    else:
+        assert section.count("<img") == 2 and "Misclassified validation images" in section
+
+
+def test_why_section_of_right_and_wrong_images():
+    from classic_cnn import presets
+    from classic_cnn.data.batches import Preprocessing
+
+    model = presets.build("lenet5", classes=10, seed=0)
+    model.preprocessing = Preprocessing((28, 28), 1, (0.2,), (0.3,), "dark")
+    model.classes = [f"c{i}" for i in range(10)]
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (40, 28, 28, 1), dtype=np.uint8)
+    probs = model.predict_proba(images)
+    labels = np.arange(40) % 10
+    section = why_section(model, images, labels, probs, k=4).html()
+    check_report(f"<!DOCTYPE html><html><body>{section}</body></html>")
+    assert section.count("<img") == 2 and "Grad-CAM on relu_2" in section
+    empty = why_section(model, images, probs.argmax(axis=1), probs).html()  # all right
+    assert empty.count("<img") == 1 and "No misclassified images." in empty
+    dense = cc.Sequential([cc.Flatten(), cc.Dense(10)], input_shape=(28, 28, 1))
+    dense.preprocessing = model.preprocessing
+    assert "has none" in why_section(dense, images, labels, probs).html()
+
+
+def test_why_picks_right_ones_of_distinct_classes_and_the_surest_mistakes():
+    labels = np.array([0, 0, 1, 1, 2, 2, 0])
+    probs = np.array(
+        [[0.9, 0.1, 0], [0.95, 0, 0.05], [0.2, 0.8, 0], [0.7, 0.3, 0], [0, 0.4, 0.6],
+         [0.1, 0.85, 0.05], [0.4, 0.6, 0]]
+    )  # fmt: skip
+    right, wrong = why_picks(labels, probs, k=2)
+    assert right == [1, 2]  # class 0's surest (0.95), then class 1's; at most k
+    assert wrong == [5, 3]  # the surest mistakes first (0.85, 0.7)
+    right, wrong = why_picks(labels, probs, k=6)
+    assert right == [1, 2, 4] and wrong == [5, 3, 6]
