@@ -58,7 +58,8 @@ def test_why_equals_the_library(setup, body, options):  # noqa: F811
     assert out["scale"] == want.scale_text() and out["seen"] == pixels.tolist()
     if method == "gradcam":
         assert out["layer"] == body.get("layer", "relu_2")
-    assert "layer_maps" not in out
+    assert "layer_maps" not in out and "gradient" not in out
+    assert set(out) == {*want.record(), "seen", "inverted"}
 
 
 @pytest.mark.parametrize(

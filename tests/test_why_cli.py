@@ -65,6 +65,8 @@ def test_why_refusals_are_one_line(model_file):
         (("--layer", "dense_1"), 1, "Grad-CAM needs H×W×C maps, not layer 'dense_1'"),
         (("--method", "lime"), 2, "'lime' is not one of"),
         (("--method", "saliency", "--layer", "relu_1"), 2, "--layer is for --method gradcam"),
+        (("--method", "occlusion", "--layer", "relu_1"), 2, "not occlusion"),
+        (("--at", "3,4"), 2, "not with --why"),
         (("--method", "occlusion", "--patch", "29"), 1, "patch must fit in the model's 28×28"),
     ]:
         result = run("explain", model_file, "test:0", "--why", *args)

@@ -53,6 +53,11 @@ GRADCAM_LAYERS = (Conv2D, ReLU, LeakyReLU, ELU, Sigmoid, Tanh, BatchNorm, Dropou
 _DEFAULT_LAYERS = (Conv2D, ReLU, LeakyReLU, ELU, Sigmoid, Tanh)
 #: a mid-grey pixel (0–255) for the occlusion patch
 GREY = 127.5
+#: the fields of :meth:`Attribution.record`
+RECORD_FIELDS = (
+    "method", "map", "class_index", "class_name", "chosen", "probability", "score", "signed",
+    "layer", "weights", "cam", "drops", "patch", "stride", "fill", "vmin", "vmax", "scale",
+)  # fmt: skip
 
 
 @dataclass
@@ -107,6 +112,11 @@ class Attribution:
             "occlusion": f"drop in p({self.class_name}) under a {self.patch}×{self.patch} patch",
         }[self.method]
         return f"{what}, colour scale {lo:.3g} to {hi:.3g}"
+
+    def record(self) -> dict:
+        """:meth:`to_dict` without the large arrays (the input's gradient, Grad-CAM's layer maps,
+        the probabilities): what ``cnn explain --why --json`` prints and ``/api/why`` answers."""
+        return {k: v for k, v in self.to_dict().items() if k in RECORD_FIELDS}
 
     def to_dict(self) -> dict:
         """Plain JSON-able data (arrays as nested lists)."""

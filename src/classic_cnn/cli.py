@@ -792,8 +792,14 @@ def explain(
     With --why: which pixels made the network choose a class (Grad-CAM, saliency, gradient ×
     input or occlusion), as a PNG of the map over the input."""
     if why:
-        _explain_why(model_path, image, method.value, class_, layer, patch, stride, invert, out,
-                     as_json)  # fmt: skip
+        if at is not None or filter_ is not None:
+            raise typer.BadParameter("--at and --filter take one number apart: not with --why")
+        if layer is not None and method != WhyMethod.gradcam:
+            raise typer.BadParameter(f"--layer is for --method gradcam, not {method.value}")
+        options = {"patch": patch, "stride": stride} if method == WhyMethod.occlusion else {}
+        if method == WhyMethod.gradcam:
+            options = {"layer": layer}
+        _explain_why(model_path, image, invert, out, as_json, method.value, class_, options)
         return
     if layer is None or at is None:
         raise typer.BadParameter(
@@ -817,7 +823,7 @@ def explain(
     typer.echo(f"wrote {path}")
 
 
-def _explain_why(model_path, image, method, target, layer, patch, stride, invert, out, as_json):
+def _explain_why(model_path, image, invert, out, as_json, method, target, options):
     """cnn explain --why: the attribution map over the input, as a PNG."""
     import re
 
@@ -826,19 +832,13 @@ def _explain_why(model_path, image, method, target, layer, patch, stride, invert
 
     model = _load_model(model_path)
     seen, x, label, stem = _image_input(model, image, invert)
-    options = {"layer": layer} if method == "gradcam" else {}
-    if method == "occlusion":
-        options = {"patch": patch, "stride": stride}
-    elif layer is not None and method != "gradcam":
-        raise typer.BadParameter(f"--layer is for --method gradcam, not {method}")
     a = attribute(model, x, method, target, **options)
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", a.class_name).strip("_") or str(a.class_index)
     path = save_png(
         plot_why(seen, a, label), _default_out(model_path, out, f"why-{stem}-{method}-{safe}.png")
     )
     if as_json:
-        record = {k: v for k, v in a.to_dict().items() if k in WHY_FIELDS}
-        typer.echo(json.dumps(record | {"image": label, "png": str(path)}))
+        typer.echo(json.dumps(a.record() | {"image": label, "png": str(path)}))
         return
     typer.echo(label)
     typer.echo(
@@ -846,13 +846,6 @@ def _explain_why(model_path, image, method, target, layer, patch, stride, invert
         f"probability {a.probability:.4f}): {a.scale_text()}"
     )
     typer.echo(f"wrote {path}")
-
-
-#: what cnn explain --why --json prints (the map and the method's own arrays; not the layer's maps)
-WHY_FIELDS = (
-    "method", "map", "class_index", "class_name", "chosen", "probability", "score", "signed",
-    "layer", "weights", "drops", "patch", "stride", "fill", "vmin", "vmax", "scale",
-)  # fmt: skip
 
 
 @app.command()

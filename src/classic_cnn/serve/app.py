@@ -220,13 +220,6 @@ class WhyIn(ImageIn):
     stride: Annotated[int, Field(ge=1, description="Occlusion: the patch's step.")] = 2
 
 
-#: the fields of an attribution that /api/why returns (not Grad-CAM's layer maps: large)
-WHY_FIELDS = (
-    "method", "map", "class_index", "class_name", "chosen", "probability", "score", "signed",
-    "layer", "weights", "drops", "patch", "stride", "fill", "vmin", "vmax", "scale",
-)  # fmt: skip
-
-
 # --------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------
@@ -511,8 +504,7 @@ def create_app(model, *, host: str = "127.0.0.1", samples="auto", title: str | N
             options = {"patch": body.patch, "stride": body.stride}
         with lock:
             a = attribute(model, x, body.method, body.class_name, **options)
-        record = {k: v for k, v in a.to_dict().items() if k in WHY_FIELDS}
-        return record | {"seen": seen.tolist(), "inverted": flipped}
+        return a.record() | {"seen": seen.tolist(), "inverted": flipped}
 
     @api.get("/api/sample", tags=["input"], summary="A test image of the model's dataset")
     def sample(
