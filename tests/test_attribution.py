@@ -195,11 +195,29 @@ def test_occlusion_map_is_the_mean_drop_of_the_patches_covering_each_pixel(rng):
         occlusion(model, x, stride=0)
 
 
-def test_the_grey_patch_is_mid_grey_in_the_models_units():
+def test_the_grey_patch_is_mid_grey_in_the_models_units(rng):
     model = presets.build("lenet5", classes=10)
-    assert grey_fill(model) == 0.0
+    assert grey_fill(model).tolist() == [0.0]
     model.preprocessing = Preprocessing((28, 28), 1, (0.25,), (0.5,))
-    assert grey_fill(model) == pytest.approx((0.5 - 0.25) / 0.5)
+    assert grey_fill(model).tolist() == pytest.approx([(0.5 - 0.25) / 0.5])
+    rgb = presets.build("tinyvgg", classes=3)
+    rgb.preprocessing = Preprocessing((64, 64), 3, (0.2, 0.5, 0.8), (0.25, 0.5, 0.1), "dark")
+    want = [(0.5 - 0.2) / 0.25, 0.0, (0.5 - 0.8) / 0.1]
+    assert grey_fill(rgb).tolist() == pytest.approx(want)
+    # the patch holds each channel's grey: a model that sees only pixel (0, 0) proves it
+    probe = cc.Sequential([cc.Conv2D(3, 1, use_bias=False), cc.Flatten(), cc.Dense(2)],
+                          input_shape=(4, 4, 3), dtype="float64")  # fmt: skip
+    probe.layers[0].params["kernel"][:] = np.eye(3)[None, None]
+    probe.preprocessing = rgb.preprocessing
+    x = rng.normal(size=(4, 4, 3))
+    a = occlusion(probe, x, 0, patch=1, stride=1)
+    assert a.fill == pytest.approx(want)
+    y = x.copy()
+    y[2, 1] = want
+    p = probe.predict_proba(x[None])[0, 0] - probe.predict_proba(y[None])[0, 0]
+    assert a.drops[2, 1] == pytest.approx(p, rel=1e-12)
+    with pytest.raises(ValueError, match=r"fill must be one finite number or 3.*\[1.0, 2.0\]"):
+        occlusion(probe, x, patch=1, fill=[1, 2])
 
 
 @pytest.mark.parametrize("arch", ["lenet5", "fashion", "tinyvgg"])
@@ -237,6 +255,22 @@ def test_the_model_is_left_as_it_was(rng):
     sa, sb = a.state_dict(), b.state_dict()
     for k, v in sa.items():
         np.testing.assert_array_equal(v, sb[k])
+
+
+def test_vector_inputs_get_one_number_per_input(rng):
+    """A model of vector inputs: saliency is |the class's row of weights|; no image methods."""
+    model = cc.Sequential([cc.Dense(3)], input_shape=(5,), dtype="float64")
+    x = rng.normal(size=5)
+    np.testing.assert_array_equal(
+        saliency(model, x, 1).map, np.abs(model.layers[0].params["kernel"][:, 1])
+    )
+    np.testing.assert_allclose(
+        gradient_x_input(model, x, 2).map, x * model.layers[0].params["kernel"][:, 2]
+    )
+    with pytest.raises(ValueError, match=r"occlusion needs image inputs.*\(5,\)"):
+        occlusion(model, x)
+    with pytest.raises(ValueError, match="has none"):
+        gradcam(model, x)
 
 
 def test_bad_requests_say_what_was_expected(rng):

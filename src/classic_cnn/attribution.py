@@ -71,8 +71,8 @@ class Attribution:
 
     Method-specific arrays: ``gradient`` (H, W, C) for the saliency methods; ``layer``,
     ``layer_maps`` (h, w, K), ``weights`` (K,) and ``cam`` (h, w, before resizing) for Grad-CAM;
-    ``drops`` (rows, cols, one per patch position), ``patch``, ``stride``, ``fill`` for
-    occlusion.
+    ``drops`` (rows, cols, one per patch position), ``patch``, ``stride``, ``fill`` (the
+    patch's value per channel) for occlusion.
     """
 
     method: str
@@ -91,7 +91,7 @@ class Attribution:
     drops: np.ndarray | None = None
     patch: int | None = None
     stride: int | None = None
-    fill: float | None = None
+    fill: list[float] | None = None
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
@@ -253,7 +253,9 @@ def saliency(model, x, target=None) -> Attribution:
     with ops.engine_threads():
         p = _Pass(model, x, target)
         g = p.grad(0)[0]
-    return p.result("saliency", np.abs(g).max(axis=-1), gradient=g)
+    # images: the largest over the colour channels; vector inputs: each number's own
+    amap = np.abs(g).max(axis=-1) if g.ndim == 3 else np.abs(g)
+    return p.result("saliency", amap, gradient=g)
 
 
 def gradient_x_input(model, x, target=None) -> Attribution:
@@ -263,7 +265,9 @@ def gradient_x_input(model, x, target=None) -> Attribution:
     with ops.engine_threads():
         p = _Pass(model, x, target)
         g = p.grad(0)[0]
-    return p.result("gradient-x-input", (g * p.x[0]).sum(axis=-1), gradient=g, signed=True)
+    gx = g * p.x[0]
+    amap = gx.sum(axis=-1) if g.ndim == 3 else gx
+    return p.result("gradient-x-input", amap, gradient=g, signed=True)
 
 
 def gradcam_layers(model) -> list[str]:
@@ -341,38 +345,47 @@ def _positions(size: int, patch: int, stride: int) -> list[int]:
     return starts
 
 
-def grey_fill(model) -> float:
-    """A mid-grey pixel (127.5 of 255) as the model's input number (after its normalisation;
-    the first channel's, 0 for a model without preprocessing)."""
+def grey_fill(model) -> np.ndarray:
+    """A mid-grey pixel (127.5 of 255) as the model's input numbers, one per channel (after the
+    model's normalisation of each channel; 0 for a model without preprocessing)."""
+    channels = model.input_shape[-1]
     prep = model.preprocessing
     if prep is None:
-        return 0.0
-    return float((GREY / 255.0 - prep.mean[0]) / prep.std[0])
+        return np.zeros(channels)
+    mean = np.broadcast_to(np.asarray(prep.mean, np.float64), (channels,))
+    std = np.broadcast_to(np.asarray(prep.std, np.float64), (channels,))
+    return (GREY / 255.0 - mean) / std
 
 
-def occlusion(
-    model, x, target=None, patch: int = 4, stride: int = 2, fill: float | None = None
-) -> Attribution:
-    """Occlusion sensitivity: a ``patch``×``patch`` square of ``fill`` (default: mid-grey, as
-    the model's input; :func:`grey_fill`) put at every ``stride`` pixels (and flush with the far
-    edges); ``drops[i, j] = p(x) − p(x with the patch at position i, j)`` for the class; each
-    pixel of ``map`` is the mean of the drops of the patches covering it (> 0: hiding it costs
-    the class probability). The occluded images go through the model's inference path in one
-    batch, with the unchanged image. Arguments as :func:`saliency`."""
+def occlusion(model, x, target=None, patch: int = 4, stride: int = 2, fill=None) -> Attribution:
+    """Occlusion sensitivity: a ``patch``×``patch`` square of ``fill`` (a number, or one per
+    channel; default: mid-grey as the model's input, :func:`grey_fill`) put at every ``stride``
+    pixels (and flush with the far edges); ``drops[i, j] = p(x) − p(x with the patch at
+    position i, j)`` for the class; each pixel of ``map`` is the mean of the drops of the
+    patches covering it (> 0: hiding it costs the class probability). The occluded images go
+    through the model's inference path in one batch, with the unchanged image. Arguments as
+    :func:`saliency`."""
     for name, v in (("patch", patch), ("stride", stride)):
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{name} must be a positive int. Received: {name}={v!r}")
-    h, w = model.input_shape[:2]
-    if len(model.input_shape) != 3 or patch > min(h, w):
+    if len(model.input_shape) != 3:
         raise ValueError(
-            f"patch must fit in the model's {h}×{w} input. Received: patch={patch}"
-            if len(model.input_shape) == 3
-            else f"occlusion needs image inputs (H, W, C). Received: model input "
+            f"occlusion needs image inputs (H, W, C). Received: a model of input shape "
             f"{model.input_shape}"
         )
+    h, w = model.input_shape[:2]
+    if patch > min(h, w):
+        raise ValueError(f"patch must fit in the model's {h}×{w} input. Received: patch={patch}")
     m = _detached(model)
     x1 = _one_image(model, x)
-    fill = grey_fill(model) if fill is None else float(fill)
+    channels = model.input_shape[-1]
+    fill = grey_fill(model) if fill is None else np.asarray(fill, np.float64).reshape(-1)
+    if fill.size not in (1, channels) or not np.isfinite(fill).all():
+        raise ValueError(
+            f"fill must be one finite number or {channels} (one per channel). "
+            f"Received: fill={fill.tolist()}"
+        )
+    fill = np.broadcast_to(fill, (channels,))
     rows, cols = _positions(h, patch, stride), _positions(w, patch, stride)
     batch = np.repeat(x1, 1 + len(rows) * len(cols), axis=0)
     k = 1
@@ -405,7 +418,7 @@ def occlusion(
         drops=drops,
         patch=int(patch),
         stride=int(stride),
-        fill=fill,
+        fill=fill.tolist(),
         probabilities=base,
     )
 

@@ -495,7 +495,11 @@ def _overlay(ax, image: np.ndarray, attr, colorbar: bool = True, fontsize: int =
     ax.set_xticks([])
     ax.set_yticks([])
     if colorbar:
+        from matplotlib.ticker import FuncFormatter
+
         bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+        # each tick its own number (8e-05), no shared "1e-5" offset over the panel's title
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
         bar.ax.tick_params(labelsize=fontsize)
     return shown
 
