@@ -1,5 +1,6 @@
 """classic-cnn: a classic convolutional neural network from first principles on NumPy."""
 
+from .attribution import attribute, gradcam, gradient_x_input, occlusion, saliency
 from .io import load, save
 from .layers import (
     ELU,
@@ -58,10 +59,15 @@ __all__ = [
     "StepDecay",
     "Tanh",
     "__version__",
+    "attribute",
     "evaluate",
     "export_onnx",
     "fit",
+    "gradcam",
     "gradient_check",
+    "gradient_x_input",
     "load",
+    "occlusion",
+    "saliency",
     "save",
 ]

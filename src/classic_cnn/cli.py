@@ -738,27 +738,73 @@ def show_curves(
     typer.echo(f"wrote {path}")
 
 
+class WhyMethod(str, Enum):
+    gradcam = "gradcam"
+    saliency = "saliency"
+    gradient_x_input = "gradient-x-input"
+    occlusion = "occlusion"
+
+
 @app.command()
 @friendly
 def explain(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model.safetensors file.")],
     image: Annotated[str, typer.Argument(metavar="IMAGE", help=IMAGE_HELP)],
-    layer: Annotated[str, typer.Option(help="A convolution, pooling or activation layer.")],
-    at: Annotated[str, typer.Option(metavar="ROW,COL", help="Position in the layer's output.")],
+    layer: Annotated[
+        str | None,
+        typer.Option(
+            help="A convolution, pooling or activation layer (with --why --method gradcam: the "
+            "layer whose maps Grad-CAM weighs; default: the last before flattening)."
+        ),
+    ] = None,
+    at: Annotated[
+        str | None, typer.Option(metavar="ROW,COL", help="Position in the layer's output.")
+    ] = None,
     filter_: Annotated[
         int | None,
         typer.Option("--filter", help="Filter / channel (default: the strongest there)."),
     ] = None,
+    why: Annotated[
+        bool,
+        typer.Option(
+            "--why", help="Why this class: a map of the pixels that pushed the network to it."
+        ),
+    ] = False,
+    method: Annotated[
+        WhyMethod, typer.Option(help="With --why: the attribution method.")
+    ] = WhyMethod.gradcam,
+    class_: Annotated[
+        str | None,
+        typer.Option("--class", help="With --why: the class to explain (default: the top one)."),
+    ] = None,
+    patch: Annotated[int, typer.Option(min=1, help="With --method occlusion: patch side.")] = 4,
+    stride: Annotated[int, typer.Option(min=1, help="With --method occlusion: its stride.")] = 2,
     invert: Annotated[
         Invert, typer.Option(help="Invert an image file to the training polarity.")
     ] = Invert.auto,
     out: Annotated[
-        Path | None, typer.Option(help="PNG file (default: explain-… by the model).")
+        Path | None, typer.Option(help="PNG file (default: explain-… or why-… by the model).")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="The record as JSON.")] = False,
 ) -> None:
     """The arithmetic behind one number of a feature map: patch × kernel, sum, bias,
-    activation (or a pooling window and its winner), and the receptive field in the image."""
+    activation (or a pooling window and its winner), and the receptive field in the image.
+    With --why: which pixels made the network choose a class (Grad-CAM, saliency, gradient ×
+    input or occlusion), as a PNG of the map over the input."""
+    if why:
+        if at is not None or filter_ is not None:
+            raise typer.BadParameter("--at and --filter take one number apart: not with --why")
+        if layer is not None and method != WhyMethod.gradcam:
+            raise typer.BadParameter(f"--layer is for --method gradcam, not {method.value}")
+        options = {"patch": patch, "stride": stride} if method == WhyMethod.occlusion else {}
+        if method == WhyMethod.gradcam:
+            options = {"layer": layer}
+        _explain_why(model_path, image, invert, out, as_json, method.value, class_, options)
+        return
+    if layer is None or at is None:
+        raise typer.BadParameter(
+            "give --layer and --at (the number to take apart), or --why (why this class)"
+        )
     from .explain import explain as explain_
     from .explain import parse_position
     from .viz.plots import plot_explain, save_png
@@ -774,6 +820,31 @@ def explain(
         return
     typer.echo(f"{label}")
     typer.echo(e.to_text())
+    typer.echo(f"wrote {path}")
+
+
+def _explain_why(model_path, image, invert, out, as_json, method, target, options):
+    """cnn explain --why: the attribution map over the input, as a PNG."""
+    import re
+
+    from .attribution import attribute
+    from .viz.plots import plot_why, save_png
+
+    model = _load_model(model_path)
+    seen, x, label, stem = _image_input(model, image, invert)
+    a = attribute(model, x, method, target, **options)
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", a.class_name).strip("_") or str(a.class_index)
+    path = save_png(
+        plot_why(seen, a, label), _default_out(model_path, out, f"why-{stem}-{method}-{safe}.png")
+    )
+    if as_json:
+        typer.echo(json.dumps(a.record() | {"image": label, "png": str(path)}))
+        return
+    typer.echo(label)
+    typer.echo(
+        f"why {a.class_name!r} ({'the top class' if a.chosen == 'top' else 'as asked'}, "
+        f"probability {a.probability:.4f}): {a.scale_text()}"
+    )
     typer.echo(f"wrote {path}")
 
 

@@ -41,6 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..attribution import METHODS, attribute, default_gradcam_layer, gradcam_layers
 from ..explain import explain, explainable_layers, feature_maps, prepare_image
 from ..layers import Conv2D
 from ..viz.arrays import filter_grid, map_grid
@@ -203,6 +204,22 @@ class ExplainIn(ImageIn):
     ] = None
 
 
+class WhyIn(ImageIn):
+    method: Annotated[
+        Literal["gradcam", "saliency", "gradient-x-input", "occlusion"],
+        Field(description="The attribution method."),
+    ] = "gradcam"
+    class_name: Annotated[
+        str | None, Field(description="The class to explain (default: the most probable).")
+    ] = None
+    layer: Annotated[
+        str | None,
+        Field(description="Grad-CAM's layer (default: the last conv / activation with maps)."),
+    ] = None
+    patch: Annotated[int, Field(ge=1, description="Occlusion: the grey patch's side.")] = 4
+    stride: Annotated[int, Field(ge=1, description="Occlusion: the patch's step.")] = 2
+
+
 # --------------------------------------------------------------------------------------------
 # The app
 # --------------------------------------------------------------------------------------------
@@ -319,6 +336,10 @@ def create_app(model, *, host: str = "127.0.0.1", samples="auto", title: str | N
     probe = np.zeros((1, *model.input_shape), model.dtype)
     map_names = [r["name"] for r in feature_maps(model, probe)]  # layers with H×W×C maps
     explainable = set(explainable_layers(model))
+    try:
+        why_layer = default_gradcam_layer(model)
+    except ValueError:
+        why_layer = None
 
     @api.get("/api/summary", tags=["model"], summary="The model: layers, shapes, classes")
     def summary() -> dict:
@@ -355,6 +376,11 @@ def create_app(model, *, host: str = "127.0.0.1", samples="auto", title: str | N
                 "reason": samples_reason,
             },
             "max_upload_bytes": MAX_UPLOAD_BYTES,
+            "why": {
+                "methods": [m for m in METHODS if m != "gradcam" or why_layer],
+                "gradcam_layers": gradcam_layers(model),
+                "default_layer": why_layer,
+            },
         }
 
     @api.get("/api/filters", tags=["model"], summary="A convolution layer's kernels")
@@ -464,6 +490,21 @@ def create_app(model, *, host: str = "127.0.0.1", samples="auto", title: str | N
         with lock:
             e = explain(model, x, body.layer, (body.row, body.col), body.channel)
         return e.to_dict() | {"inverted": flipped}
+
+    @api.post("/api/why", tags=["inside"], summary="Why this class: an attribution map")
+    def why(body: WhyIn) -> dict:
+        """Which pixels pushed the network to a class: ``map`` (H×W, the input's size) by
+        Grad-CAM (on ``layer``), saliency (|d score / d pixel|), gradient × input or occlusion
+        (a grey ``patch`` moved by ``stride``: the drop in the class's probability), for
+        ``class_name`` (default: the top class), with its ``probability`` and the map's colour
+        scale (``vmin``..``vmax``; ``signed``: symmetric around 0)."""
+        seen, x, flipped = prepared(body.pixels, body.invert)
+        options = {"layer": body.layer} if body.method == "gradcam" else {}
+        if body.method == "occlusion":
+            options = {"patch": body.patch, "stride": body.stride}
+        with lock:
+            a = attribute(model, x, body.method, body.class_name, **options)
+        return a.record() | {"seen": seen.tolist(), "inverted": flipped}
 
     @api.get("/api/sample", tags=["input"], summary="A test image of the model's dataset")
     def sample(

@@ -450,3 +450,127 @@ def plot_pooling(grid: np.ndarray, results: list[tuple[str, np.ndarray]]) -> Fig
         ax = fig.add_subplot(1, len(results) + 1, i + 2)
         _grid_panel(ax, y, label, "Oranges", 0, grid.max() * 1.6, fontsize=11)
     return fig
+
+
+# --------------------------------------------------------------------------------------------
+# Why this class (saliency, Grad-CAM, occlusion: classic_cnn.attribution)
+# --------------------------------------------------------------------------------------------
+
+#: how strongly an attribution map covers the image under it
+OVERLAY_ALPHA = 0.6
+METHOD_TITLES = {
+    "gradcam": "Grad-CAM",
+    "saliency": "saliency |d score / d pixel|",
+    "gradient-x-input": "gradient × input",
+    "occlusion": "occlusion",
+}
+
+
+def _why_cmap(attr):
+    return _cmap("RdBu_r" if attr.scale[0] < 0 else "inferno")
+
+
+def why_title(attr) -> str:
+    """The method (its layer, or its patch and stride), the class explained and its probability."""
+    what = METHOD_TITLES[attr.method]
+    if attr.method == "gradcam":
+        what += f" of {attr.layer}"
+    elif attr.method == "occlusion":
+        what += f" ({attr.patch}×{attr.patch} grey patch, stride {attr.stride})"
+    chosen = "the top class" if attr.chosen == "top" else "the class asked for"
+    return f"{what}: why '{attr.class_name}' ({chosen}, p = {attr.probability:.3f})"
+
+
+def _overlay(ax, image: np.ndarray, attr, colorbar: bool = True, fontsize: int = 7):
+    """The image in gray, the map over it under its stated scale (and a colour bar)."""
+    gray = display_image(image)
+    if gray.ndim == 3:
+        gray = gray.mean(axis=-1)
+    ax.imshow(gray, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    vmin, vmax = attr.scale
+    shown = ax.imshow(
+        attr.map, cmap=_why_cmap(attr), vmin=vmin, vmax=vmax, alpha=OVERLAY_ALPHA,
+        interpolation="nearest",
+    )  # fmt: skip
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if colorbar:
+        from matplotlib.ticker import FuncFormatter
+
+        bar = ax.figure.colorbar(shown, ax=ax, fraction=0.046, pad=0.03)
+        # each tick its own number (8e-05), no shared "1e-5" offset over the panel's title
+        bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.2g}"))
+        bar.ax.tick_params(labelsize=fontsize)
+    return shown
+
+
+def _scale_words(attr) -> str:
+    vmin, vmax = attr.scale
+    if vmin < 0:
+        return f"blue {vmin:.3g} · white 0 · red {vmax:+.3g}"
+    return f"dark 0 · bright {vmax:.3g}"
+
+
+def plot_why(image: np.ndarray, attr, label: str = "") -> Figure:
+    """One image and one attribution (:class:`~classic_cnn.attribution.Attribution`): the input
+    as the network sees it, and the map overlaid on it with its colour bar; the title names the
+    method, the class and its probability, the caption the colour scale."""
+    fig = Figure(figsize=(7.2, 3.9))
+    ax0, ax1 = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1, 1.15]})
+    ax0.imshow(display_image(image), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax0.set_xticks([])
+    ax0.set_yticks([])
+    ax0.set_title(label or "the input", fontsize=8)
+    _overlay(ax1, image, attr)
+    ax1.set_title(
+        f"{attr.scale_text()}\n{_scale_words(attr)} (overlaid at {OVERLAY_ALPHA:.0%})", fontsize=7
+    )
+    fig.suptitle(why_title(attr), fontsize=9)
+    return fig
+
+
+def plot_why_table(images, rows, row_labels, title: str = "") -> Figure:
+    """The methods side by side: one row per image (its label on the left), the input, then
+    each attribution of that row (``rows[i]``: a list, one per method) overlaid, each under its
+    own scale (stated on its colour bar)."""
+    n, m = len(images), max(len(r) for r in rows)
+    fig = Figure(figsize=(2.25 * (m + 1), 2.35 * n + 0.5))
+    axes = np.asarray(fig.subplots(n, m + 1, squeeze=False))
+    for i in range(n):
+        ax = axes[i, 0]
+        ax.imshow(display_image(images[i]), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(row_labels[i], fontsize=7)
+        for j in range(m):
+            ax = axes[i, j + 1]
+            if j >= len(rows[i]):
+                ax.axis("off")
+                continue
+            a = rows[i][j]
+            _overlay(ax, images[i], a, fontsize=6)
+            head = METHOD_TITLES[a.method].split(" |")[0]
+            ax.set_title(f"{head}\n'{a.class_name}' p={a.probability:.2f}", fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def plot_why_gallery(images, attrs, captions, title: str = "", cols: int = 6) -> Figure:
+    """A grid of images, each with its attribution overlaid (each map under its own scale,
+    0 dark to its maximum bright) and its caption (e.g. the true and predicted class)."""
+    n = len(images)
+    cols = max(1, min(cols, n))
+    rows = max(1, -(-n // cols))
+    fig = Figure(figsize=(1.75 * cols, 2.0 * rows + 0.5))
+    for i in range(n):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        _overlay(ax, images[i], attrs[i], colorbar=False)
+        ax.set_title(captions[i], fontsize=7)
+    if n == 0:
+        ax = fig.add_subplot()
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no images", ha="center")
+    fig.suptitle(title, fontsize=9)
+    return fig

@@ -231,6 +231,63 @@ def maps_section(model, images: np.ndarray, labels=None) -> Section:
     return Section("maps", "Feature maps", body)
 
 
+def why_picks(labels: np.ndarray, probs: np.ndarray, k: int = 6) -> tuple[list[int], list[int]]:
+    """Up to ``k`` correctly classified images (the most confident of each class in turn, so
+    that the classes differ) and the ``k`` most confidently misclassified ones: two lists of
+    indices."""
+    from .arrays import most_confident_mistakes
+
+    predicted = probs.argmax(axis=1)
+    confidence = probs.max(axis=1)
+    right = np.flatnonzero(predicted == labels)
+    right = right[np.argsort(-confidence[right], kind="stable")]
+    picks, seen = [], set()
+    for i in right:
+        if int(labels[i]) not in seen:
+            picks.append(int(i))
+            seen.add(int(labels[i]))
+        if len(picks) == k:
+            break
+    return picks, [int(i) for i in most_confident_mistakes(probs, labels, k)]
+
+
+def why_section(model, images: np.ndarray, labels: np.ndarray, probs: np.ndarray, k: int = 6):
+    """Grad-CAM (:func:`classic_cnn.attribution.gradcam`, the default layer) of the predicted
+    class for ``k`` correctly and ``k`` wrongly classified images (uint8, the model's size)."""
+    from ..attribution import default_gradcam_layer, gradcam
+    from .plots import plot_why_gallery, to_png
+
+    try:
+        layer = default_gradcam_layer(model)
+    except ValueError as exc:
+        return Section("why", "Why this class (Grad-CAM)", paragraph(str(exc)))
+    classes = model.classes or [str(i) for i in range(probs.shape[1])]
+    x = model.preprocessing.apply(images, model.dtype) if model.preprocessing else images
+    body = paragraph(
+        f"Grad-CAM on {layer}: each of the layer's maps weighted by how much the predicted "
+        "class's score rises with it (the mean of its gradient), summed, negative parts set to "
+        "0, enlarged to the image. Bright: where the network found evidence for the class it "
+        "chose. Each map is on its own scale, 0 (dark) to its largest value (bright)."
+    )
+    right, wrong = why_picks(np.asarray(labels), probs, k)
+    for title, picks in (("correctly classified", right), ("misclassified", wrong)):
+        if not picks:
+            body += paragraph(f"No {title} images.")
+            continue
+        attrs = [gradcam(model, x[i], layer=layer) for i in picks]
+        captions = [
+            f"true {classes[labels[i]]}\npred {a.class_name} {a.probability:.2f}"
+            for i, a in zip(picks, attrs, strict=True)
+        ]
+        body += png_figure(
+            to_png(plot_why_gallery(images[picks], attrs, captions, f"Grad-CAM, {title}")),
+            f"Grad-CAM of {title} images",
+            f"{title.capitalize()} validation images with the Grad-CAM of the class the network "
+            "chose" + (" (the most confident mistakes)" if title == "misclassified" else "") + ".",
+        )
+    return Section("why", "Why this class (Grad-CAM)", body)
+
+
 def model_images(model, data) -> np.ndarray:
     """A Dataset's uint8 images as the model sees them (its size and channels)."""
     from ..data.batches import convert_images
@@ -243,7 +300,8 @@ def model_images(model, data) -> np.ndarray:
 
 def train_report(model, history: list[dict], val_set, info: dict, n_maps: int = 2) -> str:
     """The report of a training run: summary, curves, validation results (confusion matrix,
-    misclassified images), filters and the feature maps of ``n_maps`` validation images."""
+    misclassified images), filters, the feature maps of ``n_maps`` validation images and
+    Grad-CAM of a few correctly and wrongly classified ones."""
     images = model_images(model, val_set)
     probs = model.predict_proba(images)
     classes = model.classes or [str(i) for i in range(probs.shape[1])]
@@ -261,6 +319,7 @@ def train_report(model, history: list[dict], val_set, info: dict, n_maps: int = 
         results_section("validation", "Validation images", images, val_set.labels, probs, classes),
         filters_section(model),
         maps_section(model, images[picks], val_set.labels[picks]),
+        why_section(model, images, val_set.labels, probs),
     ]
     return render(f"classic-cnn run: {model.name} on {info.get('data', '')}", sections)
 

@@ -35,6 +35,7 @@ const state = {
   drawBusy: false,
   inputSeq: 0, // the newest input; older answers are dropped
   ops: 0, // user actions still being answered (a file, a test image, a click)
+  why: null, // the last /api/why answer shown over the input
 };
 window.explorer = {
   state,
@@ -173,6 +174,7 @@ async function newInput(out, how, seq) {
   seenNote(out, how);
   showPrediction(out);
   showMessage("");
+  if ($("#why-on").checked) await refreshWhy(seq);
 }
 
 async function refreshInside(seq) {
@@ -408,6 +410,76 @@ function showReceptiveField(rf) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// why this class: an attribution map (/api/why) over the input, as the toggle asks
+
+const INFERNO = [[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]];
+// the map's colour (as classic_cnn.viz.plots draws it): diverging for signed maps (blue < 0,
+// white 0, red > 0), inferno from 0 (dark) to the largest value (bright) otherwise
+function whyColour(v, w) {
+  if (w.vmin < 0) return ramp(DIVERGING, (v - w.vmin) / (w.vmax - w.vmin));
+  return ramp(INFERNO, w.vmax > 0 ? v / w.vmax : 0);
+}
+async function refreshWhy(seq = inputCounter) {
+  const overlay = $("#why-overlay"), note = $("#why-note");
+  if (!$("#why-on").checked || !state.seen) {
+    overlay.hidden = true;
+    note.hidden = true;
+    state.why = null;
+    return;
+  }
+  const body = { pixels: state.seen, invert: "no", method: $("#why-method").value };
+  const cls = $("#why-class").value;
+  if (cls) body.class_name = cls;
+  let w;
+  try {
+    w = await postJSON("/api/why", body);
+  } catch (e) {
+    showMessage(e.message);
+    return;
+  }
+  if (seq < state.inputSeq || !$("#why-on").checked) return; // a newer input, or switched off
+  state.why = w;
+  drawWhy(w);
+}
+const whyChanged = track(() => refreshWhy());
+
+function drawWhy(w) {
+  const overlay = $("#why-overlay");
+  const h = w.map.length, wd = w.map[0].length;
+  overlay.width = wd;
+  overlay.height = h;
+  const ctx = overlay.getContext("2d");
+  const img = ctx.createImageData(wd, h);
+  for (let r = 0; r < h; r++) {
+    for (let c = 0; c < wd; c++) img.data.set([...whyColour(w.map[r][c], w), 255], (r * wd + c) * 4);
+  }
+  ctx.putImageData(img, 0, 0);
+  overlay.hidden = false;
+  const why = w.chosen === "top" ? "the top class" : "the class asked for";
+  const words = w.vmin < 0
+    ? `blue ${fmt(w.vmin, 3)} · white 0 · red ${fmt(w.vmax, 3)}`
+    : `dark 0 · bright ${fmt(w.vmax, 3)}`;
+  const note = $("#why-note");
+  note.replaceChildren(
+    el("strong", { text: `Why '${w.class_name}'` }),
+    ` (${why}, p = ${w.probability.toFixed(3)}): ${w.scale}; ${words}, shown at 60% over the input.`);
+  note.dataset.method = w.method;
+  note.dataset.class = w.class_name;
+  note.dataset.p = String(w.probability);
+  note.hidden = false;
+}
+
+function setupWhy(s) {
+  const methods = new Set(s.why.methods);
+  for (const o of $("#why-method").options) o.hidden = o.disabled = !methods.has(o.value);
+  if (!methods.has($("#why-method").value)) $("#why-method").value = s.why.methods[0];
+  for (const c of s.classes) $("#why-class").append(el("option", { value: c, text: c }));
+  $("#why-on").addEventListener("change", whyChanged);
+  $("#why-method").addEventListener("change", whyChanged);
+  $("#why-class").addEventListener("change", whyChanged);
+}
+
+// ---------------------------------------------------------------------------------------------
 // the input: draw, file, random test image
 
 function setTab(name) {
@@ -627,6 +699,7 @@ async function main() {
   $("#tab-sample").hidden = !s.samples.available;
   if (!s.samples.available) $("#tab-sample").title = s.samples.reason;
   setupFile();
+  setupWhy(s);
   $("#sample").addEventListener("click", randomSample);
   if (s.drawable) setupDrawing();
   if (s.samples.available) {
