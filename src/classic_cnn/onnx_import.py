@@ -106,7 +106,11 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 
 
 class OnnxImportError(ValueError):
-    """An ONNX file that cannot be imported as a classic CNN; the message says why."""
+    """An ONNX file that cannot be imported as a classic CNN; the message says why, in one line
+    (names and values from a hostile file may hold line breaks: they are flattened)."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).split()))
 
 
 def _need_onnx():
@@ -261,8 +265,8 @@ def _attrs(node) -> dict:
             out[a.name] = [float(v) for v in a.floats]
         elif kind == 7:
             out[a.name] = [int(v) for v in a.ints]
-        else:
-            out[a.name] = a
+        else:  # graphs, tensors lists, …: nothing a classic CNN layer takes
+            out[a.name] = f"<attribute of type {kind}>"
     return out
 
 
@@ -358,7 +362,7 @@ def build_from_proto(proto, base: Path | None = None, *, input_shape=None):
     nodes = [n for n in graph.node if n.op_type != "Constant"]
     consumers: dict[str, list] = {}
     for n in nodes:
-        for name in n.input:
+        for name in dict.fromkeys(n.input):  # a node reading a tensor twice is one consumer
             if name and name not in b.consts:
                 consumers.setdefault(name, []).append(n)
     out_name = graph.output[0].name
@@ -877,8 +881,11 @@ def model_from_proto(
                 f"the graph takes {tuple(shape)}"
             )
     producer = f"{proto.producer_name} {proto.producer_version}".strip() or "unknown"
+    origin = {"format": "onnx", "producer": producer, "opset": _onnx_opset(proto)}
     model.metadata = {
-        "imported_from": {"format": "onnx", "producer": producer, "opset": _onnx_opset(proto)},
+        "imported_from": origin,
+        # how the weights were made: what a model file keeps of an imported model's history
+        "hyperparameters": {"imported_from": origin},
         "dataset": _json(meta, "dataset") if "dataset" in meta else None,
         "import_notes": notes,
     }
