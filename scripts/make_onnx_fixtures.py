@@ -5,8 +5,9 @@ Run it with ``make onnx-fixtures`` (which installs the ``bench`` extra, where to
 onnxscript. It writes, under ``tests/fixtures/onnx/``:
 
 - ``lenet5.onnx``: LeNet-5 (5×5 convolutions, ReLU, max pooling, dense 120-84-10), *trained*
-  two epochs on 20,000 Fashion-MNIST images by PyTorch, with the class names and the
-  normalisation in the file's metadata (as a careful exporter would put them);
+  two epochs on 20,000 Fashion-MNIST images by PyTorch, with the class names, the
+  normalisation and the dataset's name in the file's metadata (as a careful exporter would put
+  them; the keys are those ``cnn export`` writes);
 - ``vgg_bn.onnx``: a small VGG with batch norm after every convolution and a BatchNorm1d after
   the flatten, running statistics set to random values (not the defaults 0 and 1), dropout;
   no metadata (the importer must number the classes);
@@ -212,6 +213,7 @@ def main() -> None:
         "preprocessing": json.dumps(
             {"size": [28, 28], "channels": 1, "mean": [MEAN], "std": [STD], "background": "dark"}
         ),
+        "dataset": json.dumps({"name": "fashion-mnist"}),
     }
     t_images, _ = fashion("test", 16)
     lenet_x = ((t_images.astype(np.float32) / 255 - MEAN) / STD)[..., None]

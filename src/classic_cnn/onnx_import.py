@@ -286,6 +286,7 @@ class _Builder:
         self.layers: list = []
         self.weights: list[dict[str, np.ndarray]] = []
         self.names: set[str] = set()
+        self.keep_names = False
 
     # -- helpers --------------------------------------------------------------------------
     @staticmethod
@@ -304,7 +305,9 @@ class _Builder:
         return self.consts[name]
 
     def add(self, layer, node, weights=None):
-        name = node.name if node is not None else ""
+        # this engine's own exports keep their layer names; other exporters' node names
+        # ("/features/0/Conv", "node_conv2d_1") give way to conv2d_1, relu_1, …
+        name = node.name if node is not None and self.keep_names else ""
         if _NAME.match(name or "") and name not in self.names:
             layer.name = name
             self.names.add(name)
@@ -342,10 +345,13 @@ def _input_dims(graph, consts) -> tuple[str, list]:
 
 
 def build_from_proto(proto, base: Path | None = None, *, input_shape=None):
-    """The layers and weights of the chain in ``proto``: ``(layers, weights, input_shape)``,
-    ``input_shape`` channels-last (H, W, C) or (D,)."""
+    """The layers and weights of the chain in ``proto``: ``(layers, weights, input_shape,
+    info)``, ``input_shape`` channels-last (H, W, C) or (D,), ``info`` the graph's input layout
+    ("NCHW", "NHWC" or "ND") and whether its output is "probabilities" (a trailing softmax,
+    dropped from the layers) or "logits"."""
     graph = proto.graph
     b = _Builder(graph, base, _onnx_opset(proto))
+    b.keep_names = proto.producer_name == "classic-cnn"
     for t in graph.initializer:
         b.consts[t.name] = _tensor(t, base)
     for node in graph.node:
@@ -398,6 +404,8 @@ def build_from_proto(proto, base: Path | None = None, *, input_shape=None):
         raise OnnxImportError(f"input '{x_name}': image shape {shape} is implausibly large")
 
     state = {"x": x_name, "at": at, "shape": shape, "perm": None}
+    b.input_layout = at if at != "vector" else "ND"
+    b.softmax_dropped = False
     visited: set[int] = set()
     steps = 0
     while state["x"] != out_name:
@@ -457,9 +465,18 @@ def build_from_proto(proto, base: Path | None = None, *, input_shape=None):
         if state["at"] == "vector":
             b.layers.pop()
             b.weights.pop()
+            b.softmax_dropped = True
     if not b.layers:
         raise OnnxImportError("the graph holds no layer (only identities)")
-    return b.layers, b.weights, shape
+    return (
+        b.layers,
+        b.weights,
+        shape,
+        {
+            "input_layout": b.input_layout,
+            "output": "probabilities" if b.softmax_dropped else "logits",
+        },
+    )
 
 
 def _constant(node, base):
@@ -805,7 +822,7 @@ def model_from_proto(
     from .model import Sequential
 
     try:
-        layers, weights, shape = build_from_proto(proto, base, input_shape=input_shape)
+        layers, weights, shape, io_info = build_from_proto(proto, base, input_shape=input_shape)
     except OnnxImportError:
         raise
     except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as exc:
@@ -881,12 +898,19 @@ def model_from_proto(
                 f"the graph takes {tuple(shape)}"
             )
     producer = f"{proto.producer_name} {proto.producer_version}".strip() or "unknown"
-    origin = {"format": "onnx", "producer": producer, "opset": _onnx_opset(proto)}
+    dataset = _json(meta, "dataset")
+    if dataset is not None and not (
+        isinstance(dataset, dict) and isinstance(dataset.get("name"), str)
+    ):
+        raise OnnxImportError(
+            f"metadata 'dataset' must be a record with a 'name'. Received: {dataset!r}"[:300]
+        )
+    origin = {"format": "onnx", "producer": producer, "opset": _onnx_opset(proto), **io_info}
     model.metadata = {
         "imported_from": origin,
         # how the weights were made: what a model file keeps of an imported model's history
         "hyperparameters": {"imported_from": origin},
-        "dataset": _json(meta, "dataset") if "dataset" in meta else None,
+        "dataset": dataset,
         "import_notes": notes,
     }
     for note in notes:
@@ -991,3 +1015,25 @@ def import_onnx(
         )
     except OnnxImportError as exc:
         raise OnnxImportError(f"{path}: {exc}") from None
+
+
+def compare_with_onnxruntime(model, onnx_path, x) -> float:
+    """The largest difference between ONNX Runtime running the file ``onnx_path`` and ``model``
+    (imported from it) on the normalised channels-last batch ``x``: probabilities where the
+    graph ends in a softmax, logits otherwise."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ImportError(
+            f"checking the import needs onnxruntime ({exc.name} is missing): "
+            "pip install 'classic-cnn[onnx]'"
+        ) from None
+    info = model.metadata["imported_from"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    x = np.asarray(x, np.float32)
+    feed = x.transpose(_TO_NCHW) if info["input_layout"] == "NCHW" else x
+    (out,) = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(feed)})
+    ours = model.predict_proba(x) if info["output"] == "probabilities" else model.forward(x)
+    return float(np.abs(np.asarray(out, np.float64).reshape(ours.shape) - ours).max())
