@@ -212,3 +212,18 @@ def test_new_head_keeps_every_other_weight():
     no_dense = cc.Sequential([cc.Conv2D(2, 3), cc.Flatten()], (5, 5, 1))
     with pytest.raises(ValueError, match="no dense layer"):
         new_head(no_dense, 3)
+
+
+def test_a_graph_exported_for_a_fixed_batch_of_one_imports(data_env):  # noqa: F811
+    import onnx
+
+    proto = onnx.load(FIXTURES / "vgg_bn.onnx")
+    for value in (*proto.graph.input, *proto.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1  # as torch.onnx.export without
+    path = data_env / "one.onnx"  # dynamic shapes writes it
+    onnx.save(proto, path)
+    result = run("import", path, "--out", "one.safetensors")
+    assert result.exit_code == 0, result.output
+    x = np.load(FIXTURES / "torch_outputs.npz")["vgg_bn.x"]
+    want = np.load(FIXTURES / "torch_outputs.npz")["vgg_bn.probs"]
+    assert float(np.abs(cc.load("one.safetensors").predict_proba(x) - want).max()) <= 1e-5

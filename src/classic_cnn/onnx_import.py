@@ -1031,9 +1031,23 @@ def compare_with_onnxruntime(model, onnx_path, x) -> float:
     info = model.metadata["imported_from"]
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     x = np.asarray(x, np.float32)
     feed = x.transpose(_TO_NCHW) if info["input_layout"] == "NCHW" else x
-    (out,) = session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(feed)})
+    try:
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        graph_input = session.get_inputs()[0]
+        # a graph exported for a fixed batch size (often 1) is run that many images at a time
+        batch = graph_input.shape[0] if isinstance(graph_input.shape[0], int) else len(x)
+        batch = batch if batch >= 1 and len(x) % batch == 0 else len(x)
+        outs = [
+            session.run(None, {graph_input.name: np.ascontiguousarray(feed[i : i + batch])})[0]
+            for i in range(0, len(x), batch)
+        ]
+    except Exception as exc:  # ONNX Runtime's own exception types
+        raise RuntimeError(
+            f"ONNX Runtime cannot run {onnx_path} to check the import: "
+            f"{str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__}"
+        ) from None
+    out = np.concatenate(outs).astype(np.float64)
     ours = model.predict_proba(x) if info["output"] == "probabilities" else model.forward(x)
-    return float(np.abs(np.asarray(out, np.float64).reshape(ours.shape) - ours).max())
+    return float(np.abs(out.reshape(ours.shape) - ours).max())
