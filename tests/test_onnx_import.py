@@ -471,6 +471,17 @@ def test_huge_declared_tensors_are_refused_before_allocating(tmp_path):
     refused(lenet_with(integer, tmp_path), "data type")
 
 
+def test_a_tiny_file_asking_for_huge_feature_maps_is_refused():
+    """4,096 1×1 kernels (16 KB of weights) on a 4,096×4,096 image: 68 billion numbers."""
+    proto = chain(
+        H.make_node("Conv", ["x", "k"], ["y"], "wide"),
+        inits=[k(shape=(4096, 1, 1, 1))],
+        in_dims=("N", 1, 4096, 4096),
+        out_dims=("N", 4096, 4096, 4096),
+    )
+    refused(proto, "largest feature map", "68,719,476,736")
+
+
 def external(location: str, offset=0, length=None):
     def change(t):
         size = len(t.raw_data)

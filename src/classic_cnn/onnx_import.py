@@ -74,6 +74,9 @@ from .layers import (
 MAX_ELEMENTS = 1 << 28
 #: the largest image side the importer accepts for the graph's input
 MAX_SIDE = 1 << 14
+#: the largest feature map of one image (elements) an imported model may make: 224×224×64, a
+#: large classic CNN's, is 3.2 million; a tiny hostile file could otherwise ask for terabytes
+MAX_MAP_ELEMENTS = 1 << 25
 #: the largest ONNX file read into memory (protobuf itself stops at 2 GiB)
 MAX_FILE_BYTES = 1 << 31
 
@@ -839,6 +842,11 @@ def model_from_proto(
         model = Sequential(layers, shape, seed=seed, name=model_name)
     except ValueError as exc:
         raise OnnxImportError(f"the chain does not make a model: {exc}") from None
+    if model._largest_map > MAX_MAP_ELEMENTS:
+        raise OnnxImportError(
+            f"the model's largest feature map holds {model._largest_map:,} numbers per image; "
+            f"the importer accepts at most {MAX_MAP_ELEMENTS:,} (a classic CNN's are far smaller)"
+        )
     state = {}
     for layer, w in zip(model.layers, weights, strict=True):
         state |= {f"{layer.name}.{k}": v for k, v in w.items()}
