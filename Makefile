@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: test test-kernels lint demo bench fixtures clean
+.PHONY: test test-kernels lint demo bench fixtures onnx-fixtures clean
 
 # The determinism tests (pytest -m determinism) again on the code paths of a CPU with AVX2 but
 # no AVX-512 (AMD EPYC, older Intel), whatever this machine's CPU: OpenBLAS's Haswell kernel,
@@ -49,6 +49,10 @@ bench: $(VENV)/.bench
 
 fixtures: $(VENV)/.bench
 	$(PY) scripts/make_torch_fixtures.py
+
+# the PyTorch-made ONNX files the importer is tested on (tests/fixtures/onnx/, committed)
+onnx-fixtures: $(VENV)/.bench
+	$(PY) scripts/make_onnx_fixtures.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .hypothesis

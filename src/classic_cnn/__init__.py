@@ -27,11 +27,16 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # ONNX export loads lazily: `import classic_cnn` never imports onnx (an optional extra)
+    # ONNX export and import load lazily: `import classic_cnn` never imports onnx (an optional
+    # extra)
     if name == "export_onnx":
         from .export import export_onnx
 
         return export_onnx
+    if name == "import_onnx":
+        from .onnx_import import import_onnx
+
+        return import_onnx
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -66,6 +71,7 @@ __all__ = [
     "gradcam",
     "gradient_check",
     "gradient_x_input",
+    "import_onnx",
     "load",
     "occlusion",
     "saliency",

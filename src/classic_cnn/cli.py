@@ -184,6 +184,21 @@ def train(
             "own settings (the other options are ignored, but --threads)."
         ),
     ] = None,
+    init_from: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="MODEL",
+            help="Fine-tune this model file (trained here or made by cnn import) instead of "
+            "a fresh --arch; its preprocessing is kept.",
+        ),
+    ] = None,
+    new_head: Annotated[
+        bool,
+        typer.Option(
+            help="With --init-from: replace the last dense layer by a fresh one sized to the "
+            "data's classes (needed when their number differs)."
+        ),
+    ] = False,
 ) -> None:
     """Train a network; writes model.safetensors, the history, report.html and a checkpoint
     (after every epoch) to the run folder. Ctrl-C or SIGTERM stop after the current step, save
@@ -198,6 +213,10 @@ def train(
         typer.echo(f"resuming {settings['out']} at epoch {state.epoch + 1}, step {state.step}")
         _run_training(settings, threads, state)
         return
+    if new_head and init_from is None:
+        raise typer.BadParameter("--new-head needs --init-from MODEL", param_hint="--new-head")
+    if init_from is not None:
+        arch = str(init_from)
     settings = {
         "data": data,
         "arch": arch,
@@ -214,6 +233,8 @@ def train(
         "early_stopping": early_stopping,
         "checkpoint_every": checkpoint_every,
         "out": str(out or Path("runs") / f"{Path(arch).stem}-{_now()}"),
+        "init_from": str(init_from) if init_from is not None else None,
+        "new_head": new_head,
     }
     _check_run_dir(Path(settings["out"]), overwrite)
     _run_training(settings, threads)
@@ -234,7 +255,11 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
         train_set, val_set = full.stratified_split(n_val, seed=s["seed"])
         if s["limit"]:
             train_set = train_set.take(s["limit"])
-        if state is None:
+        if state is None and s.get("init_from"):
+            model = _initial_model(s, full.classes)
+            opt = make_optimizer(s["optimizer"], s["lr"])
+            s["base_lr"] = opt.lr
+        elif state is None:
             model = presets.build(s["arch"], classes=len(full.classes), seed=s["seed"])
             opt = make_optimizer(s["optimizer"], s["lr"])
             s["base_lr"] = opt.lr
@@ -328,6 +353,27 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
     report = _write_report(out, model, state.history, val_set, info)
     typer.echo(f"report: {report}")
     return path
+
+
+def _initial_model(s: dict, classes: list[str]):
+    """The model of ``--init-from``, with a new head when asked, named for the data's classes."""
+    from . import io
+    from .train import new_head
+
+    model = io.load(s["init_from"])
+    have = model.output_shape[-1]
+    if s["new_head"]:
+        model = new_head(model, len(classes), seed=s["seed"])
+        typer.echo(f"fine-tuning {s['init_from']} with a new head of {len(classes)} classes")
+    elif have != len(classes):
+        raise ValueError(
+            f"{s['init_from']} gives {have} class scores but the data has {len(classes)} "
+            "classes: add --new-head to replace its last dense layer"
+        )
+    else:
+        typer.echo(f"fine-tuning {s['init_from']}")
+    model.classes = list(classes)
+    return model
 
 
 def _write_report(out: Path, model, history, val_set, info) -> Path:
@@ -1009,6 +1055,105 @@ def export(
         f"metadata 'preprocessing') → '{name}'; ONNX Runtime agrees with this engine to "
         f"{diff:.1e} on 8 random inputs"
     )
+
+
+def _floats(value: str | None, option: str) -> list[float] | None:
+    """'0.5' or '0.485,0.456,0.406' → floats (one per channel, or one for all)."""
+    if value is None:
+        return None
+    try:
+        return [float(v) for v in value.split(",")]
+    except ValueError:
+        raise typer.BadParameter(
+            f"expected a number or numbers separated by commas. Received: {value!r}",
+            param_hint=option,
+        ) from None
+
+
+class Background(str, Enum):
+    dark = "dark"
+    light = "light"
+
+
+@app.command("import")
+@friendly
+def import_(
+    onnx_path: Annotated[
+        Path, typer.Argument(metavar="MODEL.onnx", help="An ONNX file of a classic CNN.")
+    ],
+    out: Annotated[
+        Path, typer.Option(metavar="OUT.safetensors", help="Write the model file here.")
+    ],
+    classes: Annotated[
+        Path | None,
+        typer.Option(metavar="FILE", help="Class names, one a line (else: the file's metadata)."),
+    ] = None,
+    mean: Annotated[
+        str | None,
+        typer.Option(
+            help="Training normalisation x = (image/255 - mean)/std: one number or one per "
+            "channel, comma-separated (else: the file's metadata, or 0)."
+        ),
+    ] = None,
+    std: Annotated[str | None, typer.Option(help="See --mean (else: metadata, or 1).")] = None,
+    background: Annotated[
+        Background | None,
+        typer.Option(help="dark (light objects on black, as MNIST) or light backgrounds."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT file.")] = False,
+) -> None:
+    """Import a classic CNN from ONNX (exported by PyTorch, Keras/tf2onnx or cnn export),
+    checked with ONNX Runtime before writing; then test, explain, serve or fine-tune it."""
+    import warnings
+
+    import numpy as np
+
+    from . import io
+
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} exists: add --overwrite to replace it")
+    names = None
+    if classes is not None:
+        try:
+            text = classes.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the class names in {classes}: {exc}") from None
+        names = [line.strip() for line in text.splitlines() if line.strip()]
+        if not names:
+            raise ValueError(f"{classes} lists no class names (expected one name a line)")
+    try:
+        from .onnx_import import OnnxImportWarning, compare_with_onnxruntime, import_onnx
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OnnxImportWarning)
+            model = import_onnx(
+                onnx_path,
+                classes=names,
+                mean=_floats(mean, "--mean"),
+                std=_floats(std, "--std"),
+                background=background.value if background else None,
+            )
+        for w in caught:
+            typer.echo(f"warning: {w.message}", err=True)
+        probe = np.random.default_rng(0).standard_normal((8, *model.input_shape), np.float32)
+        diff = compare_with_onnxruntime(model, onnx_path, probe)
+    except ImportError as exc:
+        raise RuntimeError(str(exc)) from None
+    if not diff <= 1e-4:
+        raise RuntimeError(
+            f"ONNX Runtime's outputs differ from the imported model's by {diff:.3g} on random "
+            f"inputs; nothing written to {out}"
+        )
+    io.save(model, out)
+    origin = model.metadata["imported_from"]
+    shape = "×".join(str(d) for d in model.input_shape)
+    typer.echo(
+        f"imported {len(model.layers)} layers ({model.count_params():,} parameters) from "
+        f"{onnx_path} ({origin['producer']}, {origin['input_layout']} input {shape}, "
+        f"{model.output_shape[-1]} classes); ONNX Runtime agrees to {diff:.1e} on 8 random "
+        f"inputs; wrote {out}"
+    )
+    typer.echo(f"look inside it: cnn serve {out}")
 
 
 @app.command()

@@ -546,3 +546,33 @@ def _state_from(meta: dict, tensors: dict) -> TrainingState:
     )
     state.set_rng_states(meta["rngs"])
     return state
+
+
+def new_head(model: Sequential, classes: int, seed: int = 0) -> Sequential:
+    """A copy of ``model`` whose last dense layer is replaced by a fresh one of ``classes``
+    units (initialised from ``seed``): fine-tuning a trained or imported network on new classes.
+    Every other layer keeps its weights; classes, preprocessing and metadata are kept (the
+    caller sets the new class names)."""
+    from .layers import Dense
+
+    dense = [i for i, layer in enumerate(model.layers) if isinstance(layer, Dense)]
+    if not dense:
+        raise ValueError(f"model '{model.name}' has no dense layer to replace with a new head")
+    head = dense[-1]
+    if any(layer.params for layer in model.layers[head + 1 :]):
+        raise ValueError(
+            f"model '{model.name}' has trained layers after its last dense layer "
+            f"'{model.layers[head].name}'; a new head replaces the model's last trained layer"
+        )
+    config = model.get_config()
+    config["layers"][head]["config"]["units"] = int(classes)
+    config["seed"] = seed
+    fresh = Sequential.from_config(config)
+    for i, (new, old) in enumerate(zip(fresh.layers, model.layers, strict=True)):
+        if i != head:
+            for key in new.params:
+                new.params[key][...] = old.params[key]
+            for key in new.buffers:
+                new.buffers[key][...] = old.buffers[key]
+    fresh.preprocessing, fresh.metadata = model.preprocessing, dict(model.metadata)
+    return fresh
