@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,mkl]'
+	$(PY) -m pip install --quiet -e '.[test,mkl,ray]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -25,7 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cnn demo
 
 $(VENV)/.bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,mkl,bench]'
+	$(PY) -m pip install --quiet -e '.[test,mkl,ray,bench]'
 	touch $@
 
 bench: $(VENV)/.bench
