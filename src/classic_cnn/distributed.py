@@ -90,7 +90,7 @@ def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator
         kwargs = dict(
             include_dashboard=False,
             log_to_driver=False,
-            logging_level="WARNING",
+            logging_level="ERROR",
             configure_logging=True,
         )
         try:
@@ -155,9 +155,11 @@ class _Replica:
     def gradients(self, weights: dict, x: np.ndarray, y: np.ndarray, seed: int, scale: float):
         """Forward, loss and backward on this worker's shard, from ``weights``.
 
-        Returns ``(gradients × scale, loss × n, correct, buffers)``; ``buffers`` (batch-norm
-        running statistics) only from worker 0, whose statistics the model keeps.
+        Returns ``(gradients × scale, loss × n, correct, buffers, seconds)``; ``buffers``
+        (batch-norm running statistics) only from worker 0, whose statistics the model keeps;
+        ``seconds`` is the time spent here (the rest of a step is communication).
         """
+        t0 = time.perf_counter()
         model = self.model
         params = model.parameters()
         for k, v in weights.items():
@@ -174,7 +176,7 @@ class _Replica:
         buffers = None
         if self.rank == 0:
             buffers = {f"{lyr.name}.{k}": v for lyr in model.layers for k, v in lyr.buffers.items()}
-        return grads, float(value) * len(y), correct, buffers
+        return grads, float(value) * len(y), correct, buffers, time.perf_counter() - t0
 
 
 class WorkerGroup:
@@ -208,7 +210,9 @@ class WorkerGroup:
         self.step_timeout, self.max_restarts = float(step_timeout), int(max_restarts)
         self.restarts = 0
         self.actors: list = []
-        self.seconds = {"compute": 0.0, "reduce": 0.0, "steps": 0}
+        #: summed over steps: the round trip to the workers, the slowest worker's own time in
+        #: it, and the driver's sum of the gradients
+        self.seconds = {"round_trip": 0.0, "worker": 0.0, "reduce": 0.0, "steps": 0}
         self._cluster = None
         self._model = self._loss = None
 
@@ -287,19 +291,15 @@ class WorkerGroup:
         from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
         n = len(y)
-        if n < self.workers:
-            raise ValueError(
-                f"a batch of {n} images cannot be shared by {self.workers} workers: use a "
-                f"batch size of at least {self.workers} (and a training set at least as large)"
-            )
-        bounds = np.linspace(0, n, self.workers + 1).round().astype(int)
+        used = min(n, self.workers)  # an epoch's last batch may have fewer images than workers
+        bounds = np.linspace(0, n, used + 1).round().astype(int)
         while True:
             t0 = time.perf_counter()
             weights = ray.put(self._model.parameters())
             refs = [
                 actor.gradients.remote(weights, x[lo:hi], y[lo:hi], int(seed), (hi - lo) / n)
                 for actor, lo, hi, seed in zip(
-                    self.actors, bounds[:-1], bounds[1:], seeds, strict=True
+                    self.actors[:used], bounds[:-1], bounds[1:], seeds[:used], strict=True
                 )
             ]
             try:
@@ -325,7 +325,8 @@ class WorkerGroup:
         t1 = time.perf_counter()
         total: dict[str, np.ndarray] = {}
         loss_sum, correct = 0.0, 0
-        for grads, value, right, buffers in results:  # worker order: deterministic sums
+        worker = max(r[4] for r in results)
+        for grads, value, right, buffers, _ in results:  # worker order: deterministic sums
             loss_sum += value
             correct += right
             for k, g in grads.items():
@@ -337,11 +338,12 @@ class WorkerGroup:
                 for lyr in self._model.layers:
                     for k in lyr.buffers:
                         lyr.buffers[k][...] = buffers[f"{lyr.name}.{k}"]
-        self.seconds["compute"] += t1 - t0
+        self.seconds["round_trip"] += t1 - t0
+        self.seconds["worker"] += worker
         self.seconds["reduce"] += time.perf_counter() - t1
         self.seconds["steps"] += 1
         value = loss_sum / n
-        if math.isfinite(value) and len(total) != len(self._model.parameters()):
+        if math.isfinite(value) and any(not r[0] for r in results):
             value = math.nan  # a worker's shard diverged although the mean did not
         return total, value, correct
 
