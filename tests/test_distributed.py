@@ -250,7 +250,7 @@ def test_cnn_train_with_workers(data_env, cluster):
     args = ("--arch", "lenet5", "--epochs", "1", "--val", "50", "--batch-size", "32")
     result = cnn("train", *args, "--workers", "2", "--out", "run")
     assert result.exit_code == 0, result.output
-    assert "data-parallel on 2 Ray workers" in result.output
+    assert "data-parallel on 2 Ray workers, 1 thread each" in result.output
     state = load_state(data_env / "run" / "checkpoint.safetensors")
     assert state.extra["settings"]["workers"] == 2
     assert (data_env / "run" / "model.safetensors").is_file()

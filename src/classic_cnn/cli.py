@@ -199,6 +199,9 @@ def train(
             "starting a local one."
         ),
     ] = None,
+    worker_threads: Annotated[
+        int, typer.Option(min=1, help="Threads (and CPUs reserved) for each Ray worker.")
+    ] = 1,
 ) -> None:
     """Train a network; writes model.safetensors, the history, report.html and a checkpoint
     (after every epoch) to the run folder. Ctrl-C or SIGTERM stop after the current step, save
@@ -230,6 +233,7 @@ def train(
         "checkpoint_every": checkpoint_every,
         "workers": workers,
         "ray_address": ray_address,
+        "worker_threads": worker_threads,
         "out": str(out or Path("runs") / f"{Path(arch).stem}-{_now()}"),
     }
     _check_run_dir(Path(settings["out"]), overwrite)
@@ -269,9 +273,15 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
             erase=s.get("erase", 0.0),  # runs saved before random erasing have none
         )
         aug = aug or None
+        workers = None  # runs saved before scale-out have no workers
         if s.get("workers") or s.get("ray_address"):
+            from .distributed import WorkerGroup
+
+            n, each = s.get("workers") or 1, s.get("worker_threads") or 1
             where = s.get("ray_address") or "a local Ray cluster"
-            typer.echo(f"data-parallel on {s.get('workers') or 1} Ray workers ({where})")
+            threads_each = f"{each} thread{'s' if each > 1 else ''} each"
+            typer.echo(f"data-parallel on {n} Ray workers, {threads_each} ({where})")
+            workers = WorkerGroup(n, s.get("ray_address"), threads=each)
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / "checkpoint.safetensors"
         try:
@@ -291,8 +301,7 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
                 checkpoint=checkpoint,
                 checkpoint_every=s["checkpoint_every"],
                 extra={"settings": s},
-                workers=s.get("workers"),  # runs saved before scale-out have none
-                ray_address=s.get("ray_address"),
+                workers=workers,
             )
         except TrainingInterrupted as stop:
             typer.echo(
@@ -301,6 +310,9 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
                 err=True,
             )
             raise typer.Exit(128 + stop.signum) from None
+        finally:
+            if workers is not None:
+                workers.close()  # the local cluster too, if the group started one
     best = state.history[(state.best_epoch or state.epoch) - 1]
     hyper = {k: s[k] for k in ("arch", "epochs", "batch_size", "optimizer", "loss", "seed")}
     hyper |= {"lr": s["base_lr"], "schedule": "cosine", "threads": threads}

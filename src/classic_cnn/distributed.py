@@ -135,19 +135,24 @@ def _quiet_ray_data() -> None:
 class _Replica:
     """One worker: a full replica of the model that computes the gradient of its shard."""
 
-    def __init__(self, rank: int, config: dict, weights: dict, loss: tuple, threads: int):
+    def __init__(self, rank: int, threads: int):
         from threadpoolctl import threadpool_limits
-
-        from .losses import LOSSES
-        from .model import Sequential
 
         # the same thread count on every run keeps the sums, hence the weights, bit-identical
         self._limits = threadpool_limits(limits=threads)
         self.rank = rank
+        self.model = self.loss = None
+
+    def load(self, config: dict, weights: dict, loss: tuple) -> int:
+        """Become a replica of the model ``config`` with ``weights`` (and buffers), ``loss``."""
+        from .losses import LOSSES
+        from .model import Sequential
+
         self.model = Sequential.from_config(config)
         self.model.load_state_dict(weights)
         losses = {cls.__name__: cls for cls in LOSSES.values()}
         self.loss = losses[loss[0]](**loss[1])
+        return self.rank
 
     def pid(self) -> int:
         return os.getpid()
@@ -240,19 +245,23 @@ class WorkerGroup:
             )
         self._ray = ray
 
-    def start(self, model, loss) -> WorkerGroup:
-        """(Re)create the workers as replicas of ``model`` (weights and buffers) with ``loss``."""
+    def start(self, model, loss, fresh: bool = False) -> WorkerGroup:
+        """Make the workers replicas of ``model`` (weights and buffers) with ``loss``: the
+        running workers are reused, unless ``fresh`` (then they are replaced by new ones)."""
         self._connect()
         self._model, self._loss = model, loss
-        self._kill_actors()
         ray = self._ray
-        remote = ray.remote(num_cpus=self.threads, max_restarts=0, max_task_retries=0)(_Replica)
-        config, weights = model.get_config(), model.state_dict()
+        if fresh or len(self.actors) != self.workers:
+            self._kill_actors()
+            remote = ray.remote(num_cpus=self.threads, max_restarts=0, max_task_retries=0)
+            self.actors = [
+                remote(_Replica).remote(rank, self.threads) for rank in range(self.workers)
+            ]
+        config, weights = model.get_config(), ray.put(model.state_dict())
         loss_spec = (type(loss).__name__, loss.get_config())
-        self.actors = [
-            remote.remote(rank, config, weights, loss_spec, self.threads)
-            for rank in range(self.workers)
-        ]
+        # not waited for: an actor runs its calls in order, the first step's answer tells
+        for actor in self.actors:
+            actor.load.remote(config, weights, loss_spec)
         return self
 
     def pids(self) -> list[int]:
@@ -318,7 +327,8 @@ class WorkerGroup:
                         f"{what} and the workers were already replaced {self.max_restarts} "
                         "times; stopping"
                     ) from None
-                self.start(self._model, self._loss)  # fresh replicas of the driver's state
+                # fresh replicas of the driver's state (its weights and worker 0's buffers)
+                self.start(self._model, self._loss, fresh=True)
             except RayTaskError as exc:  # an error in our own code on a worker: not a fault
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
                 raise type(cause)(str(cause).strip().splitlines()[-1]) from None
