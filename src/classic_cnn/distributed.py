@@ -93,6 +93,8 @@ def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator
             logging_level="ERROR",
             configure_logging=True,
         )
+        if address:
+            _check_reachable(address)
         try:
             if address:
                 ray.init(address=address, **kwargs)
@@ -113,6 +115,26 @@ def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator
     finally:
         if started:
             ray.shutdown()
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail within ``timeout`` seconds when nothing listens at ``HOST:PORT`` (``ray.init``
+    itself keeps retrying for minutes)."""
+    import socket
+
+    if address == "auto":
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"expected a Ray address HOST:PORT (or auto). Received: {address!r}")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        raise RuntimeError(
+            f"could not connect to the Ray cluster at {address}: {reason} (is `ray start "
+            "--head` running there, and the port open?)"
+        ) from None
 
 
 def _quiet_ray_data() -> None:
