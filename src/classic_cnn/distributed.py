@@ -99,8 +99,9 @@ def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator
             if address:
                 ray.init(address=address, **kwargs)
             else:
+                # "local": always a new cluster, never one `ray start` left running here
                 cpus = num_cpus or os.cpu_count() or 1
-                ray.init(num_cpus=cpus, **kwargs)
+                ray.init(address="local", num_cpus=cpus, **kwargs)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
@@ -143,7 +144,11 @@ def _quiet_ray_data() -> None:
         from ray.data import DataContext
     except ImportError:  # pragma: no cover - ray without its data extra
         return
-    ctx = DataContext.get_current()
+    import warnings
+
+    with warnings.catch_warnings():  # Ray's own deprecated settings, copied on first use
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True
