@@ -149,6 +149,9 @@ def _quiet_ray_data() -> None:
     with warnings.catch_warnings():  # Ray's own deprecated settings, copied on first use
         warnings.simplefilter("ignore", DeprecationWarning)
         ctx = DataContext.get_current()
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its INFO lines per dataset run
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.execution_options.preserve_order = True
@@ -534,7 +537,7 @@ def _predict(paths, model_path, classes, output, kind, workers, batch_size, inve
         fn_constructor_args=(model_path, invert, threads),
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=workers,
+        compute=ray.data.ActorPoolStrategy(size=workers),
         num_cpus=threads,
     )
     tmp = output.with_name(f".{output.name}.{os.getpid()}.tmp")
