@@ -25,6 +25,8 @@ def test_without_ray_the_message_says_what_to_install(monkeypatch):
         ({"workers": 0}, "workers must be a positive int. Received: workers=0"),
         ({"workers": 2.0}, "workers must be a positive int. Received: workers=2.0"),
         ({"workers": 2, "threads": 0}, "threads must be a positive int. Received: threads=0"),
+        ({"workers": 2, "step_timeout": 0}, "Received: step_timeout=0"),
+        ({"workers": 2, "max_restarts": -1}, "Received: max_restarts=-1"),
     ],
 )
 def test_worker_group_arguments(kwargs, message):

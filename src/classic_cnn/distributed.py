@@ -240,7 +240,13 @@ class WorkerGroup:
         if not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive int. Received: threads={threads!r}")
         if not step_timeout > 0:
-            raise ValueError(f"step_timeout must be > 0 seconds. Received: {step_timeout!r}")
+            raise ValueError(
+                f"step_timeout must be > 0 seconds. Received: step_timeout={step_timeout!r}"
+            )
+        if isinstance(max_restarts, bool) or not isinstance(max_restarts, int) or max_restarts < 0:
+            raise ValueError(
+                f"max_restarts must be an int >= 0. Received: max_restarts={max_restarts!r}"
+            )
         self.address, self.threads = address, threads
         self.step_timeout, self.max_restarts = float(step_timeout), int(max_restarts)
         self.restarts = 0
