@@ -136,6 +136,12 @@ def test_workers_lost_too_often_stop_with_one_line_and_keep_the_checkpoint(data,
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+def test_more_workers_than_the_cluster_has_cpus_is_refused_before_any_starts(cluster):
+    with pytest.raises(ValueError, match=r"at least 3 CPUs \(3 workers × 1 thread each\)"):
+        WorkerGroup(3).start(small_model(), cc.CrossEntropyLoss())
+    assert ray.is_initialized()  # the test's cluster, not the group's: left running
+
+
 def bn_model(seed=1):
     layers = [cc.Conv2D(4, 3, padding="same"), cc.BatchNorm(), cc.ReLU(), cc.MaxPool2D(2)]
     return cc.Sequential([*layers, cc.Flatten(), cc.Dense(3)], input_shape=(12, 12, 1), seed=seed)

@@ -118,6 +118,14 @@ def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator
             ray.shutdown()
 
 
+def _too_few_cpus(info: dict, workers: int, threads: int) -> str:
+    return (
+        f"expected a Ray cluster with at least {workers * threads} CPUs ({workers} workers × "
+        f"{threads} thread{'s' if threads > 1 else ''} each). Received: {info['cpus']} CPUs "
+        f"at {info['address']}"
+    )
+
+
 def _check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail within ``timeout`` seconds when nothing listens at ``HOST:PORT`` (``ray.init``
     itself keeps retrying for minutes)."""
@@ -275,10 +283,7 @@ class WorkerGroup:
         need = self.workers * self.threads
         if info["cpus"] < need:
             self.close()
-            raise ValueError(
-                f"the Ray cluster ({info['address']}) has {info['cpus']} CPUs; {self.workers} "
-                f"workers × {self.threads} threads need {need}"
-            )
+            raise ValueError(_too_few_cpus(info, self.workers, self.threads))
         self._ray = ray
 
     def start(self, model, loss, fresh: bool = False) -> WorkerGroup:
@@ -510,10 +515,7 @@ def predict_folder(
     output.parent.mkdir(parents=True, exist_ok=True)
     with cluster(address, num_cpus=max(os.cpu_count() or 1, workers * threads)) as info:
         if info["cpus"] < workers * threads:
-            raise ValueError(
-                f"the Ray cluster ({info['address']}) has {info['cpus']} CPUs; {workers} "
-                f"workers × {threads} threads need {workers * threads}"
-            )
+            raise ValueError(_too_few_cpus(info, workers, threads))
         return _predict(
             paths, str(Path(model_path).resolve()), classes, output, kind, workers,
             batch_size, invert, threads, progress,
