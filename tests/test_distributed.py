@@ -142,6 +142,17 @@ def test_more_workers_than_the_cluster_has_cpus_is_refused_before_any_starts(clu
     assert ray.is_initialized()  # the test's cluster, not the group's: left running
 
 
+def test_an_error_on_a_worker_is_the_same_one_line_error_as_in_one_process(cluster):
+    rng = np.random.default_rng(0)
+    x, y = rng.random((20, 12, 12, 1), dtype=np.float32), np.full(20, 7)
+    with pytest.raises(ValueError) as here:
+        fit(small_model(), (x, y), epochs=1, batch_size=10, console=quiet())
+    with group() as g, pytest.raises(ValueError) as there:
+        fit(small_model(), (x, y), epochs=1, batch_size=10, console=quiet(), workers=g)
+    assert str(there.value) == str(here.value) and "\n" not in str(there.value)
+    assert g.restarts == 0  # our own error, not a lost worker
+
+
 def bn_model(seed=1):
     layers = [cc.Conv2D(4, 3, padding="same"), cc.BatchNorm(), cc.ReLU(), cc.MaxPool2D(2)]
     return cc.Sequential([*layers, cc.Flatten(), cc.Dense(3)], input_shape=(12, 12, 1), seed=seed)

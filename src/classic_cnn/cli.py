@@ -310,6 +310,15 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
                 err=True,
             )
             raise typer.Exit(128 + stop.signum) from None
+        except RuntimeError as exc:
+            from .distributed import WorkersLost
+
+            if not isinstance(exc, WorkersLost) or not checkpoint.is_file():
+                raise
+            raise WorkersLost(
+                f"{exc}; the last checkpoint is {checkpoint}: continue with cnn train --resume "
+                f"{checkpoint}"
+            ) from None
         finally:
             if workers is not None:
                 workers.close()  # the local cluster too, if the group started one

@@ -118,6 +118,11 @@ def cluster(address: str | None = None, num_cpus: int | None = None) -> Iterator
             ray.shutdown()
 
 
+def _first_line(lines: list[str], exc: BaseException) -> str:
+    text = "\n".join(lines).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def _too_few_cpus(info: dict, workers: int, threads: int) -> str:
     return (
         f"expected a Ray cluster with at least {workers * threads} CPUs ({workers} workers × "
@@ -338,7 +343,7 @@ class WorkerGroup:
         0's.
         """
         ray = self._ray
-        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+        from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskError
 
         n = len(y)
         used = min(n, self.workers)  # an epoch's last batch may have fewer images than workers
@@ -372,7 +377,17 @@ class WorkerGroup:
                 self.start(self._model, self._loss, fresh=True)
             except RayTaskError as exc:  # an error in our own code on a worker: not a fault
                 cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-                raise type(cause)(str(cause).strip().splitlines()[-1]) from None
+                line = _first_line(str(cause).strip().splitlines()[-1:] or [""], cause)
+                try:
+                    error = type(cause)(line)
+                except Exception:  # an exception type that takes other arguments
+                    error = RuntimeError(f"{type(cause).__name__} on a worker: {line}")
+                raise error from None
+            except RayError as exc:  # the cluster itself failed (connection to the head lost …)
+                self._kill_actors()
+                raise WorkersLost(
+                    f"the Ray cluster failed: {_first_line([str(exc)], exc)}"
+                ) from None
         t1 = time.perf_counter()
         total: dict[str, np.ndarray] = {}
         loss_sum, correct = 0.0, 0
