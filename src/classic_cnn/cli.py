@@ -189,7 +189,7 @@ def train(
         typer.Option(
             min=1,
             help="Train data-parallel on N Ray workers (each a full replica and a share of "
-            "every batch; needs classic-cnn[ray]). Default: in this process.",
+            "every batch; needs the ray extra). Default: in this process.",
         ),
     ] = None,
     ray_address: Annotated[
@@ -564,7 +564,7 @@ def predict(
     output: Annotated[
         Path | None,
         typer.Option(
-            help="Batch prediction of a FOLDER on Ray (needs classic-cnn[ray]): one row per "
+            help="Batch prediction of a FOLDER on Ray (needs the ray extra): one row per "
             "image (path, class, p_CLASS..., error) in this .csv or .parquet file."
         ),
     ] = None,
