@@ -19,9 +19,9 @@ a full replica of the model. Every step:
 
 This is an all-reduce done as a reduce at the driver plus a broadcast: every replica starts each
 step from the same weights, exactly as if each had applied the same update. Ray's collective
-library needs pygloo for CPUs, which has no wheels for current Pythons; this needs only actors
-and the object store. Its cost per step is two transfers of the parameters (4 bytes each) per
-worker, measured in the README's "Scale out" section.
+library needs pygloo for CPUs, of which pip found no distribution for Python 3.11; this needs
+only actors and the object store. Its cost per step is two transfers of the parameters (4 bytes
+each) per worker, measured in the README's "Scale out" section.
 
 Batch norm computes its batch statistics on each worker's shard, as PyTorch's
 DistributedDataParallel does by default; the running statistics kept in the model (and saved) are
