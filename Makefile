@@ -16,7 +16,7 @@ AVX2_RUNS := "OPENBLAS_CORETYPE=Haswell MKL_ENABLE_INSTRUCTIONS=AVX2 NUMBA_CPU_N
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,mkl]'
+	$(PY) -m pip install --quiet -e '.[test,mkl,ray]'
 	rm -f $(VENV)/.installed-*
 	touch $@
 
@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(VENV)/bin/cnn demo
 
 $(VENV)/.bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,mkl,bench]'
+	$(PY) -m pip install --quiet -e '.[test,mkl,ray,bench]'
 	touch $@
 
 bench: $(VENV)/.bench

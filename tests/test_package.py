@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_cli_help_imports_no_heavy_modules():
-    """`cnn --help` must answer fast: no matplotlib, PIL, web stack or torch at start-up."""
+    """`cnn --help` must answer fast: no matplotlib, PIL, web stack, torch or Ray at start-up."""
     code = (
         "import sys\n"
         "from classic_cnn import cli\n"
@@ -22,7 +22,8 @@ def test_cli_help_imports_no_heavy_modules():
         "    cli.app(['--help'], standalone_mode=False)\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = ('matplotlib', 'PIL', 'fastapi', 'starlette', 'uvicorn', 'torch')\n"
+        "heavy = ('matplotlib', 'PIL', 'fastapi', 'starlette', 'uvicorn', 'torch', 'ray',\n"
+        "         'pyarrow')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

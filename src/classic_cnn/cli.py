@@ -199,6 +199,24 @@ def train(
             "data's classes (needed when their number differs)."
         ),
     ] = False,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Train data-parallel on N Ray workers (each a full replica and a share of "
+            "every batch; needs the ray extra). Default: in this process.",
+        ),
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="Join this Ray cluster (HOST:PORT of `ray start --head`, or auto) instead of "
+            "starting a local one."
+        ),
+    ] = None,
+    worker_threads: Annotated[
+        int, typer.Option(min=1, help="Threads (and CPUs reserved) for each Ray worker.")
+    ] = 1,
 ) -> None:
     """Train a network; writes model.safetensors, the history, report.html and a checkpoint
     (after every epoch) to the run folder. Ctrl-C or SIGTERM stop after the current step, save
@@ -232,6 +250,9 @@ def train(
         "limit": limit,
         "early_stopping": early_stopping,
         "checkpoint_every": checkpoint_every,
+        "workers": workers,
+        "ray_address": ray_address,
+        "worker_threads": worker_threads,
         "out": str(out or Path("runs") / f"{Path(arch).stem}-{_now()}"),
         "init_from": str(init_from) if init_from is not None else None,
         "new_head": new_head,
@@ -277,6 +298,15 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
             erase=s.get("erase", 0.0),  # runs saved before random erasing have none
         )
         aug = aug or None
+        workers = None  # runs saved before scale-out have no workers
+        if s.get("workers") or s.get("ray_address"):
+            from .distributed import WorkerGroup
+
+            n, each = s.get("workers") or 1, s.get("worker_threads") or 1
+            where = s.get("ray_address") or "a local Ray cluster"
+            threads_each = f"{each} thread{'s' if each > 1 else ''} each"
+            typer.echo(f"data-parallel on {n} Ray workers, {threads_each} ({where})")
+            workers = WorkerGroup(n, s.get("ray_address"), threads=each)
         out.mkdir(parents=True, exist_ok=True)
         checkpoint = out / "checkpoint.safetensors"
         try:
@@ -296,6 +326,7 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
                 checkpoint=checkpoint,
                 checkpoint_every=s["checkpoint_every"],
                 extra={"settings": s},
+                workers=workers,
             )
         except TrainingInterrupted as stop:
             typer.echo(
@@ -304,6 +335,18 @@ def _run_training(s: dict, threads: int | None = None, state=None) -> Path:
                 err=True,
             )
             raise typer.Exit(128 + stop.signum) from None
+        except RuntimeError as exc:
+            from .distributed import WorkersLost
+
+            if not isinstance(exc, WorkersLost) or not checkpoint.is_file():
+                raise
+            raise WorkersLost(
+                f"{exc}; the last checkpoint is {checkpoint}: continue with cnn train --resume "
+                f"{checkpoint}"
+            ) from None
+        finally:
+            if workers is not None:
+                workers.close()  # the local cluster too, if the group started one
     best = state.history[(state.best_epoch or state.epoch) - 1]
     hyper = {k: s[k] for k in ("arch", "epochs", "batch_size", "optimizer", "loss", "seed")}
     hyper |= {"lr": s["base_lr"], "schedule": "cosine", "threads": threads}
@@ -545,7 +588,11 @@ def _confusion_text(cm, classes) -> str:
 def predict(
     model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A model.safetensors file.")],
     images: Annotated[
-        list[Path], typer.Argument(metavar="IMAGE...", help="Image files (any size).")
+        list[Path],
+        typer.Argument(
+            metavar="IMAGE...|FOLDER",
+            help="Image files (any size), or with --output one folder (all depths).",
+        ),
     ],
     top: Annotated[int, typer.Option(min=1, help="How many classes to show.")] = 3,
     invert: Annotated[
@@ -560,8 +607,26 @@ def predict(
     as_json: Annotated[
         bool, typer.Option("--json", help="All class probabilities as JSON.")
     ] = False,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            help="Batch prediction of a FOLDER on Ray (needs the ray extra): one row per "
+            "image (path, class, p_CLASS..., error) in this .csv or .parquet file."
+        ),
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, help="Ray workers for --output (default 1).")
+    ] = None,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Join this Ray cluster (HOST:PORT, or auto) for --output."),
+    ] = None,
 ) -> None:
-    """What does each image show? Top classes with probabilities."""
+    """What does each image show? Top classes with probabilities; with --output, every image
+    of a folder into a CSV or Parquet file, in parallel on Ray."""
+    if output is not None or workers is not None or ray_address is not None:
+        _predict_folder(model_path, images, output, workers, ray_address, invert)
+        return
     from . import io
     from .data.images import border_background, read_image, to_input
 
@@ -571,6 +636,11 @@ def predict(
         raise ValueError(f"{model_path} records no preprocessing; it cannot take image files")
     classes = model.classes or [str(i) for i in range(model.output_shape[-1])]
     for image_path in images:  # check all before doing any work
+        if image_path.is_dir():
+            raise ValueError(
+                f"{image_path} is a folder: give --output preds.csv (or .parquet) to classify "
+                "every image in it"
+            )
         if not image_path.is_file():
             raise ValueError(f"no such image file: {image_path}")
     if save_input:
@@ -602,6 +672,60 @@ def predict(
     for p, probs, order, flip in results:
         best = ", ".join(f"{classes[i]} {probs[i]:.2f}" for i in order[:top])
         typer.echo(f"{p}: {best}" + (" (inverted)" if flip else ""))
+
+
+def _predict_folder(model_path, images, output, workers, ray_address, invert) -> None:
+    """``cnn predict MODEL FOLDER --output FILE [--workers N] [--ray-address A]``."""
+    from rich.console import Console
+
+    from .distributed import predict_folder
+
+    if output is None:
+        raise ValueError("--workers and --ray-address need --output FILE (.csv or .parquet)")
+    if len(images) != 1 or not images[0].is_dir():
+        got = ", ".join(str(p) for p in images[:3]) + (" …" if len(images) > 3 else "")
+        raise ValueError(f"--output expects one folder of images. Received: {got}")
+    console = Console(stderr=True)
+    bar = task = None
+    if console.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn("predict"),
+            BarColumn(),
+            TextColumn("{task.completed:,}/{task.total:,}  {task.fields[stats]}"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
+
+    def progress(done, total, rate, alive):
+        nonlocal task
+        if bar is None:
+            return
+        if task is None:
+            task = bar.add_task("predict", total=total, stats="")
+            bar.start()
+        bar.update(task, completed=done, stats=f"{rate:,.0f} img/s  {alive} workers")
+
+    try:
+        result = predict_folder(
+            model_path,
+            images[0],
+            output,
+            workers=workers or 1,
+            address=ray_address,
+            invert=invert.value,
+            progress=progress,
+        )
+    finally:
+        if bar is not None:
+            bar.stop()
+    errors = f", {result['errors']:,} unreadable (see the error column)" if result["errors"] else ""
+    typer.echo(
+        f"wrote {result['output']}: {result['images']:,} images{errors} in "
+        f"{result['seconds']:.1f} s ({result['images'] / max(result['seconds'], 1e-9):,.0f} img/s)"
+    )
 
 
 def _save_png(path: Path, image) -> None:

@@ -8,6 +8,7 @@ history and the best epoch's weights.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -117,6 +118,8 @@ def fit(
     checkpoint: str | Path | None = None,
     checkpoint_every: int | None = None,
     extra: dict | None = None,
+    workers=None,
+    ray_address: str | None = None,
 ) -> TrainingState:
     """Train ``model`` on ``train``; check it on ``val`` after each epoch.
 
@@ -143,6 +146,13 @@ def fit(
         (after the current step; then :class:`TrainingInterrupted` is raised). A NaN or
         infinite loss raises :class:`TrainingDiverged` and leaves the last good checkpoint.
     extra : JSON-able data kept in the state and its checkpoints (e.g. the run's settings)
+    workers : train data-parallel on this many Ray workers (see :mod:`classic_cnn.distributed`),
+        or on a started :class:`~classic_cnn.distributed.WorkerGroup`; None trains in this
+        process. Each step's global batch of ``batch_size`` images is shared among the workers
+        and their gradients are summed, so the weights equal those of one process to float32
+        rounding (batch norm aside: its batch statistics are per worker).
+    ray_address : the Ray cluster to join (``HOST:PORT``, or ``auto``); None starts a local
+        cluster on this machine for the run and shuts it down after (also on Ctrl-C)
     """
     from rich.console import Console
 
@@ -207,9 +217,28 @@ def fit(
                 "the schedule cycles the momentum (momentum_range), which needs SGD with "
                 f"momentum > 0 or Adam. Received: {type(opt).__name__}({config})"
             )
+    group = own_group = None
+    if workers is not None or ray_address:
+        from .distributed import WorkerGroup
+
+        if isinstance(workers, WorkerGroup):
+            group = workers
+        else:
+            group = own_group = WorkerGroup(1 if workers is None else workers, ray_address)
+        if batch_size < group.workers:
+            raise ValueError(
+                f"batch_size must be at least the number of workers ({group.workers}). "
+                f"Received: batch_size={batch_size}"
+            )
+        try:
+            group.start(model, loss)
+        except BaseException:
+            if own_group is not None:
+                own_group.close()
+            raise
     signals = _SignalCatcher()
     _print_header(console, progress)
-    with signals:
+    with signals, _closing(own_group):
         for epoch in range(state.epoch, epochs):
             if schedule is not None and not per_step:
                 opt.lr = float(schedule(epoch))
@@ -238,20 +267,28 @@ def fit(
                         opt.lr = float(schedule(state.step))
                         if momentum_attr:
                             setattr(opt, momentum_attr, float(schedule.momentum(state.step)))
-                    logits = model.forward(xb, training=True)
-                    value = loss.forward(logits, yb)
+                    if group is None:
+                        logits = model.forward(xb, training=True)
+                        value = loss.forward(logits, yb)
+                    else:  # the workers' summed gradient; the update is applied here
+                        seeds = state.rngs["dropout"].integers(2**63, size=group.workers)
+                        grads, value, right = group.step(xb, yb, seeds)
                     if not math.isfinite(value):
                         kept = f"; the last good checkpoint is {checkpoint}" if checkpoint else ""
                         raise TrainingDiverged(
                             f"the loss became {value} at epoch {epoch + 1}, step {state.step + 1}: "
                             f"the learning rate ({opt.lr:g}) is probably too high{kept}"
                         )
-                    model.backward(loss.backward(), input_grad=False)
-                    opt.step(model.parameters(), model.gradients())
+                    if group is None:
+                        model.backward(loss.backward(), input_grad=False)
+                        opt.step(model.parameters(), model.gradients())
+                        right = int((logits.argmax(axis=1) == yb).sum())
+                    else:
+                        opt.step(model.parameters(), grads)
                     state.step += 1
                     state.batch_in_epoch += 1
                     sums["seen"] += len(yb)
-                    sums["correct"] += int((logits.argmax(axis=1) == yb).sum())
+                    sums["correct"] += right
                     sums["loss"] += value * len(yb)
                     sums["seconds"] = time.perf_counter() - t0
                     if bar:
@@ -260,6 +297,7 @@ def fit(
                             sums["loss"] / sums["seen"],
                             sums["correct"] / sums["seen"],
                             sums["seconds"],
+                            f"  {group.alive()}/{group.workers} workers" if group else "",
                         )
                     if checkpoint and (
                         signals.caught or (checkpoint_every and state.step % checkpoint_every == 0)
@@ -314,6 +352,16 @@ def fit(
         model.load_state_dict(state.best_weights)
         console.print(f"kept the weights of epoch {state.best_epoch} (lowest validation loss)")
     return state
+
+
+@contextlib.contextmanager
+def _closing(group):
+    """Close the worker group (and the local Ray cluster it started) however training ends."""
+    try:
+        yield
+    finally:
+        if group is not None:
+            group.close()
 
 
 class _SignalCatcher:
@@ -391,12 +439,13 @@ class _Bar:
         self.progress.start()
         self.last = 0.0
 
-    def update(self, seen, loss, acc, elapsed):
+    def update(self, seen, loss, acc, elapsed, note=""):
         if elapsed - self.last < 0.1:  # redraw at most ten times a second
             self.progress.advance(self.task)
             return
         self.last = elapsed
         stats = f"loss {loss:.4f}  acc {100 * acc:5.2f}%  {seen / max(elapsed, 1e-9):,.0f} img/s"
+        stats += note
         self.progress.update(self.task, advance=1, stats=stats)
 
     def close(self):
