@@ -351,3 +351,26 @@ def test_the_engine_keeps_freed_memory_for_the_next_step():
     applied, mapped, _ = probe(CLASSIC_CNN_MALLOC="system")
     assert not applied
     assert mapped >= 8 << 20  # glibc's default: an array this big gets pages of its own
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_uint8_images_are_normalised_to_numpys_very_bits(rng, dtype, channels):
+    """Preprocessing.apply through a table of each channel's 256 results gives exactly
+    NumPy's ``images.astype(dtype) * scale - shift``."""
+    from classic_cnn.data.batches import Preprocessing
+
+    images = rng.integers(0, 256, size=(5, 7, 6, channels), dtype=np.uint8)
+    images[0, 0, 0] = 0
+    images[0, 0, 1] = 255
+    mean = tuple(rng.uniform(0.1, 0.6, channels))
+    std = tuple(rng.uniform(0.2, 0.4, channels))
+    prep = Preprocessing((7, 6), channels, mean, std)
+    scale = (1.0 / (255.0 * np.asarray(std))).astype(dtype)
+    shift = (np.asarray(mean) / np.asarray(std)).astype(dtype)
+    want = images.astype(dtype) * scale - shift
+    got = prep.apply(images, dtype)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    # a strided batch (every other image) gives the same numbers as its copy
+    np.testing.assert_array_equal(prep.apply(images[::2], dtype), want[::2])

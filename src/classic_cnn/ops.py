@@ -1263,10 +1263,26 @@ def batchnorm_maxpool_backward(dp, bn_cache, pool_cache):
     return dx, dgamma, dbeta
 
 
+def normalise_uint8(images: np.ndarray, scale: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
+    """``images.astype(dtype) * scale − shift`` per channel for uint8 images N×H×W×C (scale
+    and shift of shape (C,)), bit for bit, in one compiled pass. NumPy's broadcast over a last
+    axis of 3 channels took 3.7 ns a number (0.94 ms for a batch of 64 images of 32×32×3, a
+    fifth of the article network's training step; these passes: 0.04 ms)."""
+    scale, shift = np.asarray(scale, dtype), np.asarray(shift, dtype)
+    x = np.ascontiguousarray(images)
+    y = np.empty(x.shape, dtype)
+    _k().scale_channels(x.reshape(-1), scale, shift, y.reshape(-1))
+    return y
+
+
 def sgd_momentum_step(p, g, v, lr, momentum, weight_decay, nesterov: bool) -> None:
     """SGD with momentum on flat contiguous arrays, in place (see ``optim.SGD``): the
-    optimizer's one pass over the weights instead of NumPy's five or more."""
-    _k().sgd_momentum_step(p, g, v, lr, momentum, weight_decay, bool(nesterov))
+    optimizer's one pass over the weights instead of NumPy's five or more. Velocities that
+    fall below the dtype's smallest normal number are set to 0 (measured: 61,706 subnormal
+    velocities took 560 µs a step instead of 19, which slowed LeNet-5's training step by a
+    sixth once most of a network's units had stopped learning)."""
+    tiny = np.finfo(p.dtype).tiny.astype(p.dtype)
+    _k().sgd_momentum_step(p, g, v, lr, momentum, weight_decay, bool(nesterov), tiny)
 
 
 def dropout_forward(x: np.ndarray, rate: float, rng: np.random.Generator, training: bool):
