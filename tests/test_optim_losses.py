@@ -62,6 +62,25 @@ def test_sgd_momentum_gives_the_bits_of_numpys_in_place_formula(rng, dtype, nest
     np.testing.assert_array_equal(opt.state["w"]["velocity"], v)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sgd_velocities_of_units_without_gradient_end_at_zero_not_subnormal(dtype):
+    """A unit whose gradient stops sees its velocity shrink by μ each step: below the dtype's
+    smallest normal number it becomes 0 (subnormals cost the CPU about 30 times more), while
+    a velocity just above it is kept as the formula gives it."""
+    tiny = np.finfo(dtype).tiny
+    opt = cc.SGD(0.01, momentum=0.5)
+    params = {"w": np.ones(3, dtype)}
+    opt.step(params, {"w": np.array([tiny * 4, tiny * 1.5, 1.0], dtype)})  # NumPy's first step
+    zero = np.zeros(3, dtype)
+    opt.step(params, {"w": zero})  # the compiled step: 2·tiny, 0.75·tiny → 0, 0.5
+    v = opt.state["w"]["velocity"]
+    np.testing.assert_array_equal(v, np.array([tiny * 2, 0.0, 0.5], dtype))
+    opt.step(params, {"w": zero})  # tiny stays (not below it), 0.25
+    opt.step(params, {"w": zero})  # 0.5·tiny → 0
+    np.testing.assert_array_equal(opt.state["w"]["velocity"], np.array([0, 0, 0.125], dtype))
+    assert not ((v != 0) & (np.abs(v) < tiny)).any()
+
+
 def test_adam_and_adamw_follow_the_formula(rng):
     w0 = rng.normal(size=5)
     grads = [rng.normal(size=5) for _ in range(3)]

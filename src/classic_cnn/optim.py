@@ -71,7 +71,9 @@ class SGD(Optimizer):
 
     Plain: ``w ← w − lr·g`` with ``g = dL/dW`` — exactly, nothing else added.
     Weight decay (L2): ``g ← g + weight_decay·w``.
-    Momentum μ: ``v ← μ·v + g``, ``w ← w − lr·v``; Nesterov: ``w ← w − lr·(g + μ·v)``.
+    Momentum μ: ``v ← μ·v + g``, ``w ← w − lr·v``; Nesterov: ``w ← w − lr·(g + μ·v)``. A
+    velocity below the dtype's smallest normal number (1.2e-38 in float32) is set to 0:
+    subnormal numbers cost the CPU about 30 times more (see ``ops.sgd_momentum_step``).
     """
 
     def __init__(
@@ -104,6 +106,7 @@ class SGD(Optimizer):
                 v *= self.momentum
                 v += g
             v = s["velocity"]
+            v[np.abs(v) < np.finfo(v.dtype).tiny] = 0  # no subnormal velocities
             g = g + self.momentum * v if self.nesterov else v
         p -= self.lr * g
 
