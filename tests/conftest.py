@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -36,3 +41,37 @@ def numeric_grad(f, x: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 @pytest.fixture
 def rng():
     return np.random.default_rng(1234)
+
+
+@contextlib.contextmanager
+def serving(args, cwd=None):
+    """A real ``cnn serve`` process (``args``: what follows ``cnn``, ``--port 0`` added) on a
+    free loopback port, answering ``/api/summary``; yields ``(base URL, process)`` and stops
+    it afterwards."""
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "classic_cnn.cli", *map(str, args), "--port", "0"],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    )
+    try:
+        line = proc.stdout.readline()
+        found = re.search(r"http://127\.0\.0\.1:\d+/", line)
+        assert found, line
+        url = found.group(0)
+        deadline = time.time() + 30
+        while True:
+            try:
+                httpx.get(url + "api/summary", timeout=5).raise_for_status()
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, "the server did not answer"
+                time.sleep(0.1)
+        yield url, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

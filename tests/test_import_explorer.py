@@ -7,11 +7,8 @@ unit are the API's answers, and these equal PyTorch's own outputs (tests/test_on
 
 from __future__ import annotations
 
-import os
-import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +19,7 @@ pytest.importorskip("onnxruntime", reason="the 'onnx' extra (onnxruntime) is not
 
 import httpx
 
+from .conftest import serving
 from .test_serve_browser import (
     assert_page_matches,
     browser,  # noqa: F401  (a fixture)
@@ -43,30 +41,8 @@ def imported_server(tmp_path_factory):
         [*cli, "import", str(LENET), "--out", str(model)], capture_output=True, text=True
     )
     assert done.returncode == 0, done.stderr
-    proc = subprocess.Popen(
-        [*cli, "serve", str(model), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:\d+/", line)
-        assert found, line
-        url = found.group(0)
-        deadline = time.time() + 30
-        while True:
-            try:
-                httpx.get(url + "api/summary", timeout=5).raise_for_status()
-                break
-            except httpx.TransportError:
-                assert time.time() < deadline, "the server did not answer"
-                time.sleep(0.1)
+    with serving(["serve", model]) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 def test_the_explorer_shows_a_pytorch_trained_model(browser, imported_server, shots):  # noqa: F811

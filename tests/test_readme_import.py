@@ -8,13 +8,11 @@ are not installed, as in the default test install, the committed PyTorch export 
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +26,8 @@ import httpx
 
 import classic_cnn as cc
 
+from .conftest import serving
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 CLI = [sys.executable, "-m", "classic_cnn.cli"]
@@ -36,6 +36,7 @@ CLASSES = "T-shirt/top Trouser Pullover Dress Coat Sandal Shirt Sneaker Bag Ankl
 LENET_PY = """
 import torch
 from torch import nn
+
 
 torch.manual_seed(0)
 net = nn.Sequential(
@@ -116,32 +117,10 @@ def test_the_import_example_runs(tmp_path):
         assert "test accuracy" in run(test, tmp_path)
         assert "conv2d_1" in run(explain, tmp_path)
     # cnn serve, on a free port (the example's default 8000 may be taken on a shared machine)
-    proc = subprocess.Popen(
-        [*CLI, *shlex.split(serve)[1:], "--port", "0"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:\d+/", line)
-        assert found, line
-        url = found.group(0)
-        deadline = time.time() + 30
-        while True:
-            try:
-                summary = httpx.get(url + "api/summary", timeout=5).json()
-                break
-            except httpx.TransportError:
-                assert time.time() < deadline, "the server did not answer"
-                time.sleep(0.1)
+    with serving(shlex.split(serve)[1:], cwd=tmp_path) as (url, _):
+        summary = httpx.get(url + "api/summary", timeout=5).json()
         assert summary["classes"] == CLASSES
         pixels = np.zeros((28, 28), np.uint8)
         pixels[6:22, 9:19] = 200
         answer = httpx.post(url + "api/predict", json={"pixels": pixels.tolist()}).json()
         assert abs(sum(answer["probabilities"]) - 1) < 1e-5
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

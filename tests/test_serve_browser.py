@@ -13,9 +13,6 @@ import base64
 import io
 import os
 import re
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +35,8 @@ from classic_cnn import io as model_io  # noqa: E402
 from classic_cnn import presets  # noqa: E402
 from classic_cnn.data.batches import Preprocessing  # noqa: E402
 from classic_cnn.data.dataset import Dataset  # noqa: E402
+
+from .conftest import serving  # noqa: E402
 
 FLAGS = [
     "--no-sandbox",
@@ -81,30 +80,8 @@ def server(tmp_path_factory):
     """A real `cnn serve` process on a free loopback port; yields its base URL."""
     folder = tmp_path_factory.mktemp("explorer")
     path = explorer_model(folder)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "classic_cnn.cli", "serve", str(path), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:\d+/", line)
-        assert found, line
-        url = found.group(0)
-        deadline = time.time() + 30
-        while True:
-            try:
-                httpx.get(url + "api/summary", timeout=5).raise_for_status()
-                break
-            except httpx.TransportError:
-                assert time.time() < deadline, "the server did not answer"
-                time.sleep(0.1)
+    with serving(["serve", path]) as (url, _):
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 @pytest.fixture(scope="module")

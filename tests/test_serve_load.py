@@ -9,10 +9,7 @@ Run with ``-s`` to see requests/s, p95 latency and memory (also in the test's pr
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -26,6 +23,8 @@ from classic_cnn import io as model_io  # noqa: E402
 from classic_cnn import presets  # noqa: E402
 from classic_cnn.data.batches import Preprocessing  # noqa: E402
 from classic_cnn.data.dataset import Dataset  # noqa: E402
+
+from .conftest import serving  # noqa: E402
 
 N_REQUESTS = 500
 CONCURRENCY = 32
@@ -50,30 +49,8 @@ def server(tmp_path_factory):
     model.preprocessing = Preprocessing.from_dataset(data, model.input_shape)
     model.classes = data.classes
     path = model_io.save(model, folder / "lenet5.safetensors")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "classic_cnn.cli", "serve", str(path), "--port", "0"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env=dict(os.environ, PYTHONUNBUFFERED="1"),
-    )
-    try:
-        line = proc.stdout.readline()
-        found = re.search(r"http://127\.0\.0\.1:\d+/", line)
-        assert found, line
-        url = found.group(0)
-        deadline = time.time() + 30
-        while True:
-            try:
-                httpx.get(url + "api/summary", timeout=5).raise_for_status()
-                break
-            except httpx.TransportError:
-                assert time.time() < deadline, "the server did not answer"
-                time.sleep(0.1)
+    with serving(["serve", path]) as (url, proc):
         yield url, proc, model
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
 
 
 async def burst(url: str, bodies: list[dict], concurrency: int) -> tuple[list, list[float], float]:
