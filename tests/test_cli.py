@@ -376,3 +376,39 @@ def test_random_erasing_is_an_option_recorded_in_the_model_file(data_env):
     assert bad.exit_code == 2
     assert "must be a probability in [0, 1]. Received: 1.5" in bad.output
     assert not (data_env / "bad").exists()
+
+
+def test_no_output_replaces_the_model_or_an_existing_file_unasked(trained, data_env):
+    """export, explain, show and predict --output never write over the model they read, never
+    write a kind of file they do not make (a picture over a model file), and export and
+    predict --output replace an existing file only with --overwrite; what was there stays."""
+    model_bytes = trained.read_bytes()
+    cases = [
+        ("export", trained, "--onnx", trained),  # the input itself, wrong kind too
+        ("export", trained, "--onnx", data_env / "copy.safetensors"),
+        ("explain", trained, "test:0", "--why", "--out", trained),
+        ("show", "filters", trained, "--out", trained),
+    ]
+    (data_env / "copy.safetensors").write_bytes(model_bytes)
+    for *args, target in cases:
+        result = run(*args, target)
+        assert result.exit_code != 0, (args, result.output)
+        assert "Traceback" not in result.output
+        assert target.read_bytes() == model_bytes, args
+    assert "must end in .onnx" in run("export", trained, "--onnx", trained).output
+    # an existing ONNX file is replaced only with --overwrite
+    onnx = data_env / "model.onnx"
+    onnx.write_bytes(b"kept")
+    refused = run("export", trained, "--onnx", onnx)
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    assert onnx.read_bytes() == b"kept"
+    assert run("export", trained, "--onnx", onnx, "--overwrite").exit_code == 0
+    assert onnx.read_bytes() != b"kept"
+    # predict --output: refused before any worker starts
+    folder = data_env / "images"
+    folder.mkdir()
+    table = data_env / "preds.csv"
+    table.write_text("kept\n")
+    refused = run("predict", trained, folder, "--output", table)
+    assert refused.exit_code == 1 and "--overwrite" in refused.output
+    assert table.read_text() == "kept\n"

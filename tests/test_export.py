@@ -325,7 +325,10 @@ def test_cnn_export(tmp_path):
 
     result = runner.invoke(app, ["export", str(tmp_path / "none.safetensors"), "--onnx", "x.onnx"])
     assert result.exit_code == 1 and "no such model file" in result.output
-    result = runner.invoke(app, ["export", str(path), "--onnx", str(out), "--opset", "5"])
+    # out exists now: --overwrite, so that the opset is what gets refused
+    result = runner.invoke(
+        app, ["export", str(path), "--onnx", str(out), "--opset", "5", "--overwrite"]
+    )
     assert result.exit_code == 1 and "opset must be an int from 13" in result.output
 
 

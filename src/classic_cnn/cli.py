@@ -441,6 +441,25 @@ def _not_under_a_file(folder: Path, what: str) -> None:
             raise ValueError(f"cannot use {folder} as {what}: {parent} is a file")
 
 
+def _check_output(
+    path: Path, option: str, suffixes: tuple[str, ...], inputs=(), overwrite: bool | None = None
+) -> None:
+    """Refuse an output path that would destroy something: one that is an input of the
+    command (even with --overwrite), one of another kind than the command writes (so that no
+    model file can be replaced by a picture or a table), and, where the command has
+    --overwrite (``overwrite`` not None), an existing file without it."""
+    if path.suffix.lower() not in suffixes:
+        raise ValueError(f"{option} must end in {' or '.join(suffixes)}. Received: {path}")
+    if path.exists():
+        for source in inputs:
+            if Path(source).exists() and path.resolve() == Path(source).resolve():
+                raise ValueError(f"{option} {path} is this command's input: choose another file")
+        if path.is_dir():
+            raise ValueError(f"{option} {path} is a folder: give a file name")
+        if overwrite is False:
+            raise ValueError(f"{path} exists: add --overwrite to replace it, or choose another")
+
+
 def _check_run_dir(out: Path, overwrite: bool) -> None:
     _not_under_a_file(out, "a run folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -621,11 +640,12 @@ def predict(
         str | None,
         typer.Option(help="Join this Ray cluster (HOST:PORT, or auto) for --output."),
     ] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing --output file.")] = False,
 ) -> None:
     """What does each image show? Top classes with probabilities; with --output, every image
     of a folder into a CSV or Parquet file, in parallel on Ray."""
     if output is not None or workers is not None or ray_address is not None:
-        _predict_folder(model_path, images, output, workers, ray_address, invert)
+        _predict_folder(model_path, images, output, workers, ray_address, invert, overwrite)
         return
     from . import io
     from .data.images import border_background, read_image, to_input
@@ -674,7 +694,7 @@ def predict(
         typer.echo(f"{p}: {best}" + (" (inverted)" if flip else ""))
 
 
-def _predict_folder(model_path, images, output, workers, ray_address, invert) -> None:
+def _predict_folder(model_path, images, output, workers, ray_address, invert, overwrite) -> None:
     """``cnn predict MODEL FOLDER --output FILE [--workers N] [--ray-address A]``."""
     from rich.console import Console
 
@@ -682,6 +702,7 @@ def _predict_folder(model_path, images, output, workers, ray_address, invert) ->
 
     if output is None:
         raise ValueError("--workers and --ray-address need --output FILE (.csv or .parquet)")
+    _check_output(output, "--output", (".csv", ".parquet"), [model_path, *images], overwrite)
     if len(images) != 1 or not images[0].is_dir():
         got = ", ".join(str(p) for p in images[:3]) + (" …" if len(images) > 3 else "")
         raise ValueError(f"--output expects one folder of images. Received: {got}")
@@ -802,7 +823,12 @@ def _image_input(model, spec: str, invert: Invert):
 
 
 def _default_out(model_path: Path, out: Path | None, name: str) -> Path:
-    return out if out is not None else model_path.parent / name
+    """Where a picture goes: ``out`` (a .png file, never the model itself) or ``name`` beside
+    the model. A picture of the same name is replaced: pictures are made again at will."""
+    if out is None:
+        return model_path.parent / name
+    _check_output(out, "--out", (".png",), [model_path])
+    return out
 
 
 @show_app.command("filters")
@@ -1147,6 +1173,7 @@ def export(
         ),
     ] = True,
     opset: Annotated[int, typer.Option(help="ONNX operator set version (13 or newer).")] = 17,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing OUT.onnx file.")] = False,
 ) -> None:
     """Export a model to ONNX, checked with ONNX Runtime against this engine before writing."""
     import numpy as np
@@ -1154,6 +1181,7 @@ def export(
     from . import export as ex  # imports onnx only when it builds the graph
     from . import io
 
+    _check_output(onnx, "--onnx", (".onnx",), [model_path], overwrite)
     model = io.load(model_path)
     try:
         proto = ex.build_onnx(model, layout=layout.value.upper(), softmax=softmax, opset=opset)
@@ -1234,8 +1262,7 @@ def import_(
 
     from . import io
 
-    if out.exists() and not overwrite:
-        raise ValueError(f"{out} exists: add --overwrite to replace it")
+    _check_output(out, "--out", (".safetensors",), [onnx_path], overwrite)
     names = None
     if classes is not None:
         try:
