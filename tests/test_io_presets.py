@@ -54,6 +54,12 @@ def test_not_a_model_file(tmp_path):
         cc.load(junk)
     with pytest.raises(io.ModelFileError, match="no such model file"):
         cc.load(tmp_path / "missing.safetensors")
+    with pytest.raises(io.ModelFileError, match="a folder, not a model file"):
+        cc.load(tmp_path)
+    onnx = tmp_path / "model.onnx"  # a model from elsewhere: the message says how to bring it in
+    onnx.write_bytes(b"\x08\x07protobuf")
+    with pytest.raises(io.ModelFileError, match=r"cnn import .*model\.onnx --out"):
+        cc.load(onnx)
 
 
 def test_safetensors_from_another_tool_and_future_versions(tmp_path):

@@ -95,6 +95,8 @@ def load(path) -> Sequential:
     from .data.batches import Preprocessing
 
     path = Path(path)
+    if path.is_dir():
+        raise ModelFileError(f"{path}: a folder, not a model file")
     if not path.is_file():
         raise ModelFileError(f"{path}: no such model file")
     try:
@@ -102,8 +104,11 @@ def load(path) -> Sequential:
             strings = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, TypeError) as exc:
+        hint = ""
+        if path.suffix.lower() == ".onnx":
+            hint = f"; an ONNX file becomes one with: cnn import {path} --out MODEL.safetensors"
         raise ModelFileError(
-            f"{path}: not a safetensors model file ({str(exc).splitlines()[0][:120]})"
+            f"{path}: not a safetensors model file ({str(exc).splitlines()[0][:120]}){hint}"
         ) from None
     if strings.get("format") != FORMAT:
         raise ModelFileError(

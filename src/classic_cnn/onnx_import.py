@@ -801,7 +801,7 @@ def _per_channel(values, channels: int, what: str) -> tuple[float, ...]:
         values *= channels
     if len(values) != channels:
         raise OnnxImportError(
-            f"{what} needs 1 or {channels} values (one per channel). Received: {values}"
+            f"{what} needs one value, or one per channel ({channels}). Received: {values}"
         )
     if what == "std" and min(values) <= 0:
         raise OnnxImportError(f"std must be positive. Received: {values}")
