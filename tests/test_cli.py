@@ -412,3 +412,26 @@ def test_no_output_replaces_the_model_or_an_existing_file_unasked(trained, data_
     refused = run("predict", trained, folder, "--output", table)
     assert refused.exit_code == 1 and "--overwrite" in refused.output
     assert table.read_text() == "kept\n"
+
+
+def test_predict_goes_on_past_an_unreadable_image(trained, data_env):
+    """Each readable image gets its prediction; the unreadable one gets an error line naming
+    it, and the exit code says something failed."""
+    from PIL import Image
+
+    x, _y = bars(2, 5)
+    good = [data_env / "a.png", data_env / "c.png"]
+    for p, img in zip(good, x, strict=True):
+        Image.fromarray(img).save(p)
+    bad = data_env / "b.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = run("predict", trained, good[0], bad, good[1])
+    assert result.exit_code == 1
+    lines = result.output.splitlines()
+    assert [ln.split(":")[0] for ln in lines if not ln.startswith("error")] == list(map(str, good))
+    assert any(ln.startswith(f"error: {bad}:") for ln in lines), result.output
+    as_json = run("predict", trained, good[0], bad, "--json")
+    assert as_json.exit_code == 1
+    payload = json.loads(as_json.output[: as_json.output.rindex("]") + 1])
+    assert payload[0]["image"] == str(good[0]) and "prediction" in payload[0]
+    assert payload[1]["image"] == str(bad) and payload[1]["error"]

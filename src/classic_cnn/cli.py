@@ -665,9 +665,13 @@ def predict(
             raise ValueError(f"no such image file: {image_path}")
     if save_input:
         _not_under_a_file(save_input, "the --save-input folder")
-    results = []
+    results, failed = [], []
     for image_path in images:
-        image = read_image(image_path)
+        try:
+            image = read_image(image_path)
+        except (ValueError, OSError) as exc:  # one unreadable image: the others still count
+            failed.append((image_path, str(exc).splitlines()[0]))
+            continue
         flip = invert == Invert.yes or (
             invert == Invert.auto and border_background(image) != prep.background
         )
@@ -687,11 +691,16 @@ def predict(
             }
             for p, probs, order, flip in results
         ]
+        payload += [{"image": str(p), "error": why} for p, why in failed]
         typer.echo(json.dumps(payload, indent=1))
-        return
-    for p, probs, order, flip in results:
-        best = ", ".join(f"{classes[i]} {probs[i]:.2f}" for i in order[:top])
-        typer.echo(f"{p}: {best}" + (" (inverted)" if flip else ""))
+    else:
+        for p, probs, order, flip in results:
+            best = ", ".join(f"{classes[i]} {probs[i]:.2f}" for i in order[:top])
+            typer.echo(f"{p}: {best}" + (" (inverted)" if flip else ""))
+    for p, why in failed:
+        typer.echo(f"error: {p}: {why}", err=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 def _predict_folder(model_path, images, output, workers, ray_address, invert, overwrite) -> None:
