@@ -289,7 +289,7 @@ def test_cnn_predict_folder(tmp_path, cluster, model_file, monkeypatch):
     result = runner.invoke(app, ["predict", str(model_file), str(tmp_path / "photos")])
     assert result.exit_code == 1 and "is a folder: give --output" in result.output
     bad = runner.invoke(app, ["predict", str(model_file), str(tmp_path), "--output", "x.json"])
-    assert bad.exit_code == 1 and "expected an output file ending in .csv" in bad.output
+    assert bad.exit_code == 1 and "--output must end in .csv or .parquet" in bad.output
     assert not (tmp_path / "x.json").exists()
 
 
