@@ -29,7 +29,9 @@ CONV_CASES = [
     ((2, 9, 9, 8), (5, 5), 3, 1, "same"),  # stride 1 with 200 per patch: im2col
     ((2, 11, 9, 10), (3, 3), 10, 1, "valid"),  # TinyVGG's second conv: direct
     ((1, 1, 1, 2), (1, 1), 2, 1, "valid"),  # a single pixel
-    ((2, 6, 7, 3), (2, 3), 7, 1, "same"),  # direct: 6 taps (4 + 2), 7 kernels (pairs + 1)
+    ((2, 6, 7, 3), (2, 3), 7, 1, "same"),  # direct: 6 taps (4 + 2), 7 kernels (triples + 1)
+    ((2, 7, 6, 2), (3, 3), 5, 1, "same"),  # direct: 9 taps (4 + 5), 5 kernels (a triple + 2)
+    ((2, 5, 6, 1), (2, 2), 2, 1, "valid"),  # direct: 4 taps, 2 kernels (no triple)
 ]
 
 
