@@ -143,7 +143,7 @@ def test_fused_convolution_relu_gives_the_bits_of_the_two_layers(monkeypatch, th
         assert calls == [True] * 3
         value = loss.forward(z, y)
         d = b.backward(loss.backward())
-    assert paths == [None, "im2col", "im2col"]  # direct and im2col paths both fused
+    assert paths == [None, "winograd", "im2col"]  # direct, Winograd and im2col paths all fused
     np.testing.assert_array_equal(z, want[0])
     assert value == want[1]
     np.testing.assert_array_equal(d, want[2])
@@ -202,14 +202,16 @@ def _pool_net(pool, stride, seed=0):
 
 @pytest.mark.parametrize("pool,stride", [(2, 2), (2, 1), (3, 2)])
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("path", ["winograd", "im2col"])
 def test_convolution_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
-    monkeypatch, pool, stride, threads
+    monkeypatch, pool, stride, threads, path
 ):
     """Sequential runs conv + ReLU + max pooling as one step (each thread takes its images
     through both on the direct path): the forward output, loss, dx and every gradient are
     the very numbers of the three layers run one by one, and both pooling layers' caches
     are filled as their own forward passes fill them."""
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "WINOGRAD", path == "winograd")
     calls = []
     real = ops.conv2d_maxpool_forward
     monkeypatch.setattr(
@@ -227,7 +229,7 @@ def test_convolution_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
         assert calls == [(3, 3, 2, 16), (3, 3, 16, 5)]  # both triples fused
         value = loss.forward(z, y)
         d = b.backward(loss.backward())
-    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, "im2col"]
+    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, path]
     np.testing.assert_array_equal(z, want[0])
     assert value == want[1]
     np.testing.assert_array_equal(d, want[2])
@@ -263,8 +265,9 @@ def _bn_pool_net(pool, stride, seed=0):
 @pytest.mark.parametrize("pool,stride", [(2, 2), (2, 1), (3, 2)])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("block_bytes", [1 << 20, 1])
+@pytest.mark.parametrize("path", ["winograd", "im2col"])
 def test_batch_norm_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
-    monkeypatch, pool, stride, threads, block_bytes
+    monkeypatch, pool, stride, threads, block_bytes, path
 ):
     """Sequential runs batch norm + ReLU + max pooling as one step (each thread normalises a
     few images into a buffer of its own and pools them from there; backward, it routes the
@@ -272,6 +275,7 @@ def test_batch_norm_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
     running statistics, loss, dx, every gradient and the pooling winners are the very
     numbers of the layers run one by one, with one block of images and with several."""
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "WINOGRAD", path == "winograd")
     monkeypatch.setattr(ops, "BLOCK_BYTES", block_bytes)  # 1: one image per block
     calls = []
     real = ops.batchnorm_maxpool_forward
@@ -292,7 +296,7 @@ def test_batch_norm_relu_and_max_pooling_in_one_step_give_the_bits_of_three(
         assert calls == [(5, 16), (5, 5)]  # both triples fused
         value = loss.forward(z, y)
         d = b.backward(loss.backward())
-    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, "im2col"]
+    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, path]
     np.testing.assert_array_equal(z, want[0])
     assert value == want[1]
     np.testing.assert_array_equal(d, want[2])
@@ -330,14 +334,16 @@ def _conv_bn_chain(seed=0):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("path", ["winograd", "im2col"])
 def test_convolutions_take_the_batch_norm_statistics_and_gradient_sums_with_the_same_bits(
-    monkeypatch, threads
+    monkeypatch, threads, path
 ):
     """In training, a convolution followed by batch norm takes batch norm's statistics as it
     writes its output, and a convolution after batch norm (+ ReLU) takes batch norm's
     gradient sums as it writes dx, on both paths: the output, loss, dx, every gradient and
     the running statistics are the very numbers of the layers run one by one."""
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "WINOGRAD", path == "winograd")
     takers = []
     real = ops.batchnorm_grad_sums_taker
     monkeypatch.setattr(
@@ -355,7 +361,7 @@ def test_convolutions_take_the_batch_norm_statistics_and_gradient_sums_with_the_
         value = loss.forward(z, y)
         d = b.backward(loss.backward())
     assert takers == [(6, 9, 10, 8), (6, 9, 10, 16)]  # the two batch norms before a conv
-    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, "im2col", None]
+    assert [ly._cache[5] for ly in b.layers if isinstance(ly, Conv2D)] == [None, path, None]
     np.testing.assert_array_equal(z, want[0])
     assert value == want[1]
     np.testing.assert_array_equal(d, want[2])

@@ -69,6 +69,7 @@ def test_im2col_path_in_pieces_matches_reference(
     buffer; the weight gradient summed piece by piece): pieces of 1 and 3 images, batches that
     do not divide evenly, padding on every side, strides 1–3."""
     monkeypatch.setattr(ops, "DIRECT_MAX_PATCH", 0)
+    monkeypatch.setattr(ops, "WINOGRAD", False)  # its own tests: test_winograd.py
     x = rng.normal(size=shape).astype(dtype)
     w = rng.normal(size=(*kernel, shape[3], 4)).astype(dtype)
     b = rng.normal(size=4).astype(dtype)
@@ -106,6 +107,7 @@ def test_backward_reuses_the_patches_still_held_and_never_stale_ones(
     each thread. When another convolution of the same shapes ran in between, every piece is
     gathered again, and the gradients stay the reference's."""
     monkeypatch.setattr(ops, "DIRECT_MAX_PATCH", 0)
+    monkeypatch.setattr(ops, "WINOGRAD", False)
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
     gathers = []
     real = ops._im2col_into

@@ -432,7 +432,10 @@ def conv2d_forward(
     Each output number is the sum over one receptive field of kernel × input, plus the bias:
     ``y[n, i, j, k] = b[k] + Σ_{di, dj, c} x_pad[n, i*s + di, j*s + dj, c] · w[di, dj, c, k]``.
     All of them at once: the patches as rows of a matrix (im2col) times the kernels as columns;
-    or, for small patches at stride 1, directly by compiled loops (see :data:`DIRECT_MAX_PATCH`).
+    or, for small patches at stride 1, directly by compiled loops (see :data:`DIRECT_MAX_PATCH`);
+    or, for the other stride-1 3×3 convolutions, by Winograd's minimal filtering F(2×2, 3×3)
+    (see :data:`WINOGRAD`; there a NaN or infinity in the input spreads over the 2×2 output
+    blocks whose 4×4 inputs hold it, a few more outputs than its 3×3 neighbourhood).
 
     Parameters
     ----------
@@ -474,6 +477,8 @@ def conv2d_forward(
     make_after = None
     if moments is not None:
         make_after = lambda y: lambda s, e: image_moments(y, s, e, *moments)  # noqa: E731
+    if _winograd(w, stride):
+        return _winograd_forward(x, w, b, pads, oh, ow, relu, make_after)
     return _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after)
 
 
@@ -512,6 +517,161 @@ def _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after=None):
     _run(work, parts)
     y = y.reshape(n, oh, ow, cout)
     return y, (x, w, b is not None, stride, pads, "im2col", y if relu else None)
+
+
+#: stride-1 3×3 convolutions too wide for the direct path run as Winograd F(2×2, 3×3) (see
+#: ``_kernels.py``), forward and backward: 16 products per 2×2 block of outputs and channel
+#: pair instead of 36, so 2.25× fewer multiply-adds than im2col, and no patches gathered (the
+#: transformed blocks hold 16/4 = 4 numbers per input number, im2col's patches 9). The same
+#: sums in another order: results differ from im2col's in the last bits only (held to the
+#: reference like every path). Measured on the fashion preset's three such convolutions
+#: (batch 256, 1 thread, Xeon AVX-512): forward 1.5-2.1x, backward 1.2-1.8x faster than
+#: im2col; its whole training step 1.2x faster at batch 64 and 256 (2 threads).
+WINOGRAD = True
+#: bytes of one piece's transformed inputs in the Winograd path (the products then run on
+#: matrices of a few hundred tiles, in the caches)
+WINOGRAD_PIECE_BYTES = 1 << 20
+
+
+def _winograd(w: np.ndarray, stride: int) -> bool:
+    return WINOGRAD and stride == 1 and w.shape[:2] == (3, 3) and not _direct(w, stride)
+
+
+def _winograd_kernels(w: np.ndarray) -> np.ndarray:
+    """``G g Gᵀ`` for every kernel g (3×3) of w (3, 3, C_in, C_out): (16, C_in, C_out)."""
+
+    def g_rows(a):  # G applied along the first axis: (3, …) → (4, …)
+        half = a.dtype.type(0.5)
+        return np.stack([a[0], (a[0] + a[1] + a[2]) * half, (a[0] - a[1] + a[2]) * half, a[2]])
+
+    u = g_rows(g_rows(w).swapaxes(0, 1)).swapaxes(0, 1)  # (4, 4, C_in, C_out)
+    return np.ascontiguousarray(u).reshape(16, *w.shape[2:])
+
+
+def _winograd_plan(x_shape, w, oh, ow, dtype):
+    """``(tiles per image rows, columns, images per piece, piece starts, threads)``."""
+    n, cin, cout = x_shape[0], w.shape[2], w.shape[3]
+    th, tw = (oh + 1) // 2, (ow + 1) // 2
+    per_image = 16 * th * tw * max(cin, cout) * np.dtype(dtype).itemsize
+    step = max(1, min(n, WINOGRAD_PIECE_BYTES // per_image))
+    size = n * oh * ow * 9 * cin
+    t = _parts(n, size, _im2col_ns(cout) / 2)
+    pieces = math.ceil(math.ceil(n / step) / t) * t
+    step = math.ceil(n / min(pieces, n))
+    starts = range(0, n, step)
+    return th, tw, step, starts, _parts(len(starts), size, _im2col_ns(cout) / 2)
+
+
+def _winograd_forward(x, w, b, pads, oh, ow, relu, make_after=None):
+    """The Winograd path of :func:`conv2d_forward` (stride 1, 3×3 kernels), piece by piece as
+    the im2col path: per piece the inputs' transform V, the 16 products V·U, the outputs'
+    transform (with bias and ReLU); ``make_after`` as in :func:`_im2col_forward`."""
+    n, cin, cout = x.shape[0], x.shape[3], w.shape[3]
+    th, tw, step, starts, parts = _winograd_plan(x.shape, w, oh, ow, x.dtype)
+    u = _winograd_kernels(w)
+    bias = np.zeros(cout, dtype=x.dtype) if b is None else np.ascontiguousarray(b, x.dtype)
+    y = np.empty((n, oh, ow, cout), dtype=x.dtype)
+    after = make_after(y) if make_after else None
+    kern, relu, (pt, pl) = _k(), bool(relu), (pads[0][0], pads[1][0])
+
+    def work(t):
+        v = _workspace("wino_v", (16, step * th * tw, cin), x.dtype)
+        m = _workspace("wino_m", (16, step * th * tw, cout), x.dtype)
+        xp = _workspace("wino_xp", (2 * th + 2, 2, tw + 1, cin), x.dtype)
+        for s in starts[t::parts]:
+            e = min(n, s + step)
+            tiles = (e - s) * th * tw
+            kern.winograd_input(x, s, e, pt, pl, th, tw, v, xp)
+            np.matmul(v[:, :tiles], u, out=m[:, :tiles])
+            kern.winograd_output(m, s, e, th, tw, bias, relu, y)
+            if after is not None:
+                after(s, e)
+
+    _run(work, parts)
+    return y, (x, w, b is not None, 1, pads, "winograd", y if relu else None)
+
+
+def _winograd_weight_grad(du: np.ndarray) -> np.ndarray:
+    """The adjoint of :func:`_winograd_kernels`: ``Gᵀ dU G`` for dU (16, C_in, C_out)."""
+
+    def gt_rows(a):  # Gᵀ applied along the first axis: (4, …) → (3, …)
+        half = a.dtype.type(0.5)
+        return np.stack(
+            [a[0] + (a[1] + a[2]) * half, (a[1] - a[2]) * half, (a[1] + a[2]) * half + a[3]]
+        )
+
+    du = du.reshape(4, 4, *du.shape[1:])
+    return np.ascontiguousarray(gt_rows(gt_rows(du).swapaxes(0, 1)).swapaxes(0, 1))
+
+
+def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
+    """The Winograd path's :func:`conv2d_backward`, ``fill`` and ``after`` as in
+    :func:`_im2col_backward`; piece by piece, as the forward pass.
+
+    The kernels' gradient in the transformed space: with V = Bᵀ d B (computed again) and the
+    output gradient's transform dM = A dY Aᵀ, ``dU = Vᵀ·dM`` (16 products; each piece's part
+    kept apart, the parts added in piece order), then ``dw = Gᵀ dU G``. The input gradient of
+    a stride-1 3×3 convolution is itself one: of dy padded by 2 − p where the forward pass
+    padded p, with the kernels turned by 180° and their input and output channels swapped
+    (``dx[i, j, c] = Σ dy[i + pt − di, j + pl − dj, k]·w[di, dj, c, k]``); it runs on the
+    forward loops. A side padded by more than 2: im2col's backward pass instead."""
+    x, w, has_bias, _, pads, _, y = cache
+    (pt, pb), (pl, pr) = pads
+    if max(pt, pb, pl, pr) > 2:
+        return _im2col_backward(dy, cache, input_grad, fill, after)
+    n, h, wd, cin = x.shape
+    cout = w.shape[3]
+    relu = y is not None
+    oh, ow = dy.shape[1], dy.shape[2]
+    th, tw, step, starts, parts = _winograd_plan(x.shape, w, oh, ow, x.dtype)
+    hh, hw = (h + 1) // 2, (wd + 1) // 2  # the input gradient's tiles
+    per = oh * ow
+    dy2 = dy.reshape(-1, cout)
+    dym = np.empty(dy2.shape, dtype=dy2.dtype) if relu else dy2
+    dym4 = dym.reshape(dy.shape)
+    u = _winograd_kernels(np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)))
+    zero_bias = np.zeros(cin, dtype=x.dtype)
+    dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
+    du_parts = np.empty((len(starts), 16, cin, cout), dtype=x.dtype)
+    db_parts = np.empty((len(starts), cout), dtype=x.dtype)
+    ones = np.ones(step * per, dtype=x.dtype)
+    kern = _k()
+    yf = y.reshape(-1) if relu else None
+
+    def work(t):
+        v = _workspace("wino_v", (16, step * th * tw, cin), x.dtype)
+        m = _workspace("wino_m", (16, step * th * tw, cout), x.dtype)
+        xp = _workspace("wino_xp", (2 * th + 2, 2, tw + 1, cin), x.dtype)
+        gp = _workspace("wino_gp", (2 * th, 2, tw, cout), x.dtype)
+        if input_grad:
+            v2 = _workspace("wino_v2", (16, step * hh * hw, cout), x.dtype)
+            m2 = _workspace("wino_m2", (16, step * hh * hw, cin), x.dtype)
+            xp2 = _workspace("wino_xp2", (2 * hh + 2, 2, hw + 1, cout), x.dtype)
+        for i in reversed(range(t, len(starts), parts)):
+            s = starts[i]
+            e = min(n, s + step)
+            tiles = (e - s) * th * tw
+            if fill is not None:
+                fill(s, e)
+            if relu:  # dy where the output was positive, 0 elsewhere
+                lo, hi = s * per * cout, e * per * cout
+                kern.relu_backward(dy2.reshape(-1)[lo:hi], yf[lo:hi], dym.reshape(-1)[lo:hi])
+            if has_bias:  # a column sum as a product with ones (see _im2col_backward)
+                np.matmul(ones[: (e - s) * per], dym[s * per : e * per], out=db_parts[i])
+            kern.winograd_input(x, s, e, pt, pl, th, tw, v, xp)
+            kern.winograd_output_grad(dym4, s, e, th, tw, m, gp)
+            np.matmul(v[:, :tiles].transpose(0, 2, 1), m[:, :tiles], out=du_parts[i])
+            if input_grad:
+                tiles2 = (e - s) * hh * hw
+                kern.winograd_input(dym4, s, e, 2 - pt, 2 - pl, hh, hw, v2, xp2)
+                np.matmul(v2[:, :tiles2], u, out=m2[:, :tiles2])
+                kern.winograd_output(m2, s, e, hh, hw, zero_bias, False, dx)
+                if after is not None:
+                    after(dx, s, e)
+
+    _run(work, parts)
+    db = db_parts.sum(axis=0) if has_bias else None
+    return dx, _winograd_weight_grad(du_parts.sum(axis=0)), db
 
 
 def _direct_forward(x, w, b, pads, oh, ow, relu):
@@ -595,7 +755,7 @@ def conv2d_backward(
         body, finish, ns = _direct_backward(dy, cache, input_grad, after)
         _split(len(x), ns, body, 1.0)
         return finish()
-    return _im2col_backward(dy, cache, input_grad, after=after)
+    return _PIECES_BACKWARD[path](dy, cache, input_grad, after=after)
 
 
 def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
@@ -736,6 +896,10 @@ def _maxpool_route(dy, cache):
     return route
 
 
+#: the backward pass of each path that works piece by piece, by the name in its cache
+_PIECES_BACKWARD = {"im2col": _im2col_backward, "winograd": _winograd_backward}
+
+
 def conv2d_maxpool_forward(x, w, b, stride, padding, relu, pool_size, pool_stride):
     """:func:`conv2d_forward` (with ``relu``) then :func:`maxpool2d_forward` on its output:
     the same numbers, returned as ``(pooled, conv_cache, pool_cache)``. On the direct path
@@ -754,9 +918,11 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, relu, pool_size, pool_strid
             pool["out"], pool["cache"], body, _ = _maxpool_forward(y, pool_size, pool_stride)
             return body
 
-        y, conv_cache = _im2col_forward(
-            np.ascontiguousarray(x), w, b, stride, pads, oh, ow, relu, make_after
-        )
+        x = np.ascontiguousarray(x)
+        if _winograd(w, stride):
+            y, conv_cache = _winograd_forward(x, w, b, pads, oh, ow, relu, make_after)
+        else:
+            y, conv_cache = _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after)
         return pool["out"], conv_cache, pool["cache"]
     y, conv_cache, conv, ns = _direct_forward(np.ascontiguousarray(x), w, b, pads, oh, ow, relu)
     pooled, pool_cache, pool, pool_ns = _maxpool_forward(y, pool_size, pool_stride)
@@ -775,8 +941,8 @@ def conv2d_maxpool_backward(dp, conv_cache, pool_cache, input_grad: bool = True)
     through both backward passes."""
     dp = np.ascontiguousarray(dp, dtype=conv_cache[0].dtype)
     dy, pool = _maxpool_backward(dp, pool_cache)
-    if conv_cache[5] is not None:  # the im2col path: each piece's gradient routed first
-        return _im2col_backward(dy, conv_cache, input_grad, fill=pool)
+    if conv_cache[5] is not None:  # im2col or Winograd: each piece's gradient routed first
+        return _PIECES_BACKWARD[conv_cache[5]](dy, conv_cache, input_grad, fill=pool)
     conv, finish, ns = _direct_backward(dy, conv_cache, input_grad)
 
     def body(s, e):

@@ -1,0 +1,151 @@
+"""The Winograd F(2×2, 3×3) path of the stride-1 3×3 convolution, held to the loop reference:
+forward, input and kernel gradients, every padding, odd sizes, pieces, threads, and the fused
+ReLU and max pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from classic_cnn import ops
+from classic_cnn import reference as ref
+
+from .conftest import rel_error
+
+pytestmark = pytest.mark.determinism
+
+# (input N×H×W×C, C_out, padding): C_in ≥ 15 so that 3·3·C_in ≥ DIRECT_MAX_PATCH
+CASES = [
+    ((3, 8, 8, 16), 5, "same"),  # whole tiles
+    ((3, 7, 9, 16), 4, "same"),  # odd height and width: tiles half past the edge
+    ((2, 9, 6, 20), 17, "valid"),  # no padding, odd output height
+    ((2, 5, 6, 16), 3, ((2, 0), (1, 2))),  # uneven padding, 2 on one side
+    ((2, 6, 5, 16), 3, ((0, 1), (2, 0))),
+    ((2, 1, 1, 16), 3, "same"),  # a single pixel: one tile, mostly padding
+    ((2, 3, 3, 16), 2, "valid"),  # one output
+    ((2, 6, 7, 16), 4, 3),  # padding 3: the input gradient falls back to col2im
+    ((4, 14, 14, 32), 64, "same"),  # the fashion preset's third convolution
+]
+
+
+def _data(rng, shape, cout, dtype, bias=True):
+    x = rng.normal(size=shape).astype(dtype)
+    w = rng.normal(size=(3, 3, shape[3], cout)).astype(dtype)
+    b = rng.normal(size=cout).astype(dtype) if bias else None
+    return x, w, b
+
+
+def test_the_path_is_taken_by_stride_1_3x3_convolutions_too_wide_for_the_direct_one():
+    def w(kh, kw, cin):
+        return np.zeros((kh, kw, cin, 4), np.float32)
+
+    assert ops._winograd(w(3, 3, 16), 1)
+    assert ops._winograd(w(3, 3, 64), 1)
+    assert not ops._winograd(w(3, 3, 14), 1)  # 126 numbers per patch: the direct path
+    assert not ops._winograd(w(3, 3, 16), 2)  # stride 2: im2col
+    assert not ops._winograd(w(5, 5, 16), 1)
+    assert not ops._winograd(w(3, 2, 32), 1)
+    x = np.zeros((1, 6, 6, 16), np.float32)
+    assert ops.conv2d_forward(x, w(3, 3, 16), None, 1, "same")[1][5] == "winograd"
+    assert ops.conv2d_forward(x, w(3, 3, 16), None, 2, "same")[1][5] == "im2col"
+
+
+@pytest.mark.parametrize("dtype,tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
+@pytest.mark.parametrize("shape,cout,padding", CASES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_winograd_matches_reference(rng, dtype, tol, shape, cout, padding, bias):
+    x, w, b = _data(rng, shape, cout, dtype, bias)
+    y, cache = ops.conv2d_forward(x, w, b, 1, padding)
+    assert cache[5] == "winograd" and y.dtype == dtype and y.flags.c_contiguous
+    assert rel_error(y, ref.conv2d_forward(x, w, b, 1, padding)) < tol
+    dy = rng.normal(size=y.shape).astype(dtype)
+    dx, dw, db = ops.conv2d_backward(dy, cache)
+    dx_ref, dw_ref, db_ref = ref.conv2d_backward(dy, x, w, 1, padding)
+    assert dx.dtype == dw.dtype == dtype
+    assert rel_error(dx, dx_ref) < tol
+    assert rel_error(dw, dw_ref) < tol
+    assert (db is None) if b is None else rel_error(db, db_ref) < tol
+    none, dw2, _ = ops.conv2d_backward(dy, cache, input_grad=False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+
+
+def test_the_backward_pass_is_taken_by_winograd_up_to_padding_2(rng, monkeypatch):
+    """The input gradient is a convolution of the output gradient, padded 2 − p: on the
+    Winograd path's loops (their input transform run on dy) for padding up to 2; beyond,
+    the whole backward pass is im2col's. The reference's numbers either way."""
+    kern, calls = ops._k(), []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "winograd_input":
+                return lambda dy, *a: calls.append(dy.shape) or kern.winograd_input(dy, *a)
+            return getattr(kern, name)
+
+    monkeypatch.setattr(ops, "_k", Counting)
+    x, w, b = _data(rng, (2, 6, 7, 16), 4, np.float64)
+    for padding, on_winograd in (("same", True), (((2, 0), (1, 2)), True), (3, False)):
+        y, cache = ops.conv2d_forward(x, w, b, 1, padding)
+        calls.clear()
+        dy = rng.normal(size=y.shape)
+        dx, _, _ = ops.conv2d_backward(dy, cache)
+        # the inputs' transform for the kernels' gradient, the output gradient's for dx
+        assert calls == ([x.shape, (*y.shape[:3], 4)] if on_winograd else []), padding
+        assert rel_error(dx, ref.conv2d_backward(dy, x, w, 1, padding)[0]) < 1e-12
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("piece_bytes", [1, 3 * 16 * 4 * 5 * 16 * 4])
+def test_winograd_in_pieces_and_threads_matches_reference(rng, monkeypatch, threads, piece_bytes):
+    """Pieces of one image, or of three (16 transformed numbers per tile, 4×5 tiles of 16
+    channels per image), over a batch of 7 that does not divide evenly, on 1 or 2 threads;
+    the same bits every time."""
+    monkeypatch.setattr(ops, "WINOGRAD_PIECE_BYTES", piece_bytes)
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    x, w, b = _data(rng, (7, 8, 9, 16), 6, np.float32)
+    with ops.engine_threads(threads):
+        step = ops._winograd_plan(x.shape, w, 8, 9, x.dtype)[2]
+        assert step == (1 if piece_bytes == 1 else 3 if threads == 1 else 2)
+        y, cache = ops.conv2d_forward(x, w, b, 1, "same", relu=True)
+        dy = rng.normal(size=y.shape).astype(np.float32)
+        dx, dw, db = ops.conv2d_backward(dy, cache)
+        y2, cache2 = ops.conv2d_forward(x, w, b, 1, "same", relu=True)
+        again = ops.conv2d_backward(dy, cache2)
+    want = np.maximum(ref.conv2d_forward(x, w, b, 1, "same"), 0)
+    assert rel_error(y, want) < 1e-5
+    dy_masked = np.where(want > 0, dy, 0)
+    for got, expect in zip(
+        (dx, dw, db), ref.conv2d_backward(dy_masked, x, w, 1, "same"), strict=True
+    ):
+        assert rel_error(got, expect) < 1e-5
+    np.testing.assert_array_equal(y2, y)
+    for a, c in zip(again, (dx, dw, db), strict=True):
+        np.testing.assert_array_equal(a, c)
+
+
+def test_winograd_with_relu_and_max_pooling_matches_the_three_layers(rng):
+    x, w, b = _data(rng, (3, 9, 8, 16), 5, np.float64)
+    pooled, conv_cache, pool_cache = ops.conv2d_maxpool_forward(x, w, b, 1, "same", True, (2, 2), 2)
+    assert conv_cache[5] == "winograd"
+    y = np.maximum(ref.conv2d_forward(x, w, b, 1, "same"), 0)
+    assert rel_error(pooled, ref.maxpool2d_forward(y, (2, 2), 2)) < 1e-12
+    dp = rng.normal(size=pooled.shape)
+    dx, dw, db = ops.conv2d_maxpool_backward(dp, conv_cache, pool_cache)
+    dy = np.where(y > 0, ref.maxpool2d_backward(dp, y, (2, 2), 2), 0)
+    for got, want in zip((dx, dw, db), ref.conv2d_backward(dy, x, w, 1, "same"), strict=True):
+        assert rel_error(got, want) < 1e-12
+
+
+def test_a_nan_stays_visible_and_spreads_over_the_tiles_that_read_it_only(rng):
+    """A NaN in the input is in every output the reference makes NaN (through the fused ReLU
+    too), and Winograd's transforms spread it no further than the 2×2 output blocks whose
+    4×4 inputs hold it."""
+    x, w, b = _data(rng, (1, 8, 8, 16), 3, np.float32)
+    x[0, 2, 3, 5] = np.nan  # padded (3, 4): tile rows 0-1 (outputs 0-3), columns 1-2 (2-5)
+    y, _ = ops.conv2d_forward(x, w, b, 1, "same", relu=True)
+    want = np.isnan(ref.conv2d_forward(x, w, b, 1, "same"))
+    assert want[0, 1:4, 2:5].all() and want.sum() == 9 * 3
+    assert np.isnan(y)[want].all()
+    tiles = np.zeros_like(want)
+    tiles[0, 0:4, 2:6] = True
+    assert not np.isnan(y)[~tiles].any()
