@@ -23,6 +23,7 @@ CASES = [
     ((2, 6, 5, 16), 3, ((0, 1), (2, 0))),
     ((2, 1, 1, 16), 3, "same"),  # a single pixel: one tile, mostly padding
     ((2, 3, 3, 16), 2, "valid"),  # one output
+    ((2, 2, 2, 16), 2, "valid"),  # no output at all: zero gradients
     ((2, 6, 7, 16), 4, 3),  # padding 3: the input gradient falls back to col2im
     ((4, 14, 14, 32), 64, "same"),  # the fashion preset's third convolution
 ]

@@ -571,7 +571,8 @@ def winograd_input(x, s, e, pt, pl, th, tw, v, xp):
     with unsigned offsets: no array views made in the loops (each costs more than a short
     loop), and no index that might be negative (numba would wrap it around, and the
     compiler then gathers the numbers one by one). Measured against one loop per tile along
-    the channels: 2-3× faster. Scratch arrays come from the caller."""
+    the channels, on the fashion preset's second convolution (28×28×32): 1.7× faster, copy
+    included. Scratch arrays come from the caller."""
     h, wd, c_in = x.shape[1], x.shape[2], x.shape[3]
     _zero(xp)
     rows, cols = min(h, 2 * th + 2 - pt), min(wd, 2 * tw + 2 - pl)  # what the tiles read

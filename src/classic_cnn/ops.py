@@ -553,7 +553,7 @@ def _winograd_plan(x_shape, w, oh, ow, dtype):
     n, cin, cout = x_shape[0], w.shape[2], w.shape[3]
     th, tw = (oh + 1) // 2, (ow + 1) // 2
     per_image = 16 * th * tw * max(cin, cout) * np.dtype(dtype).itemsize
-    step = max(1, min(n, WINOGRAD_PIECE_BYTES // per_image))
+    step = max(1, min(n, WINOGRAD_PIECE_BYTES // max(per_image, 1)))
     size = n * oh * ow * 9 * cin
     t = _parts(n, size, _im2col_ns(cout) / 2)
     pieces = math.ceil(math.ceil(n / step) / t) * t
