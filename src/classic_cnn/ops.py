@@ -406,10 +406,11 @@ def _window_slices(kh: int, kw: int, stride: int, oh: int, ow: int):
 # --------------------------------------------------------------------------------------------
 
 #: below this many numbers per patch (KH·KW·C_in), a stride-1 convolution is computed directly
-#: (the compiled "wide row" loops of ``_kernels.py``); above it, as im2col × kernels by BLAS.
-#: Measured on LeNet-5, TinyVGG and the article's network: direct wins 1.1–2.5× for the
-#: first layers (27–75 numbers per patch) and TinyVGG's second conv (90), loses 2× on LeNet's
-#: second conv (150), where the matrix product is efficient.
+#: (the compiled "wide row" loops of ``_kernels.py``); above it, as im2col × kernels by BLAS
+#: (a 3×3 kernel: on the Winograd path, see :data:`WINOGRAD`). Measured on LeNet-5, TinyVGG
+#: and the article's network: direct wins 1.1–2.5× for the first layers (27–75 numbers per
+#: patch) and TinyVGG's second conv (90), loses 2× on LeNet's second conv (150), where the
+#: matrix product is efficient.
 DIRECT_MAX_PATCH = 128
 
 
