@@ -538,15 +538,19 @@ def _winograd(w: np.ndarray, stride: int) -> bool:
     return WINOGRAD and stride == 1 and w.shape[:2] == (3, 3) and not _direct(w, stride)
 
 
+#: ``G ⊗ G`` (16×9): row 4i + j, column 3p + q holds G[i, p]·G[j, q], with
+#: G = [[1, 0, 0], [½, ½, ½], [½, −½, ½], [0, 0, 1]]; every entry (0, ±¼, ±½, 1) is exact
+_G = np.array([[1, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1]])
+_GG = np.kron(_G, _G)
+
+
 def _winograd_kernels(w: np.ndarray) -> np.ndarray:
-    """``G g Gᵀ`` for every kernel g (3×3) of w (3, 3, C_in, C_out): (16, C_in, C_out)."""
-
-    def g_rows(a):  # G applied along the first axis: (3, …) → (4, …)
-        half = a.dtype.type(0.5)
-        return np.stack([a[0], (a[0] + a[1] + a[2]) * half, (a[0] - a[1] + a[2]) * half, a[2]])
-
-    u = g_rows(g_rows(w).swapaxes(0, 1)).swapaxes(0, 1)  # (4, 4, C_in, C_out)
-    return np.ascontiguousarray(u).reshape(16, *w.shape[2:])
+    """``G g Gᵀ`` for every kernel g (3×3) of w (3, 3, C_in, C_out): (16, C_in, C_out), as one
+    product (G ⊗ G)·w (a tenth of the time of two passes of NumPy operations: single images
+    spent 40-90 µs per convolution there)."""
+    u = np.empty((16, *w.shape[2:]), dtype=w.dtype)
+    _mm(_GG.astype(w.dtype), np.ascontiguousarray(w).reshape(9, -1), u.reshape(16, -1))
+    return u
 
 
 def _winograd_plan(x_shape, w, oh, ow, dtype):
@@ -593,16 +597,11 @@ def _winograd_forward(x, w, b, pads, oh, ow, relu, make_after=None):
 
 
 def _winograd_weight_grad(du: np.ndarray) -> np.ndarray:
-    """The adjoint of :func:`_winograd_kernels`: ``Gᵀ dU G`` for dU (16, C_in, C_out)."""
-
-    def gt_rows(a):  # Gᵀ applied along the first axis: (4, …) → (3, …)
-        half = a.dtype.type(0.5)
-        return np.stack(
-            [a[0] + (a[1] + a[2]) * half, (a[1] - a[2]) * half, (a[1] + a[2]) * half + a[3]]
-        )
-
-    du = du.reshape(4, 4, *du.shape[1:])
-    return np.ascontiguousarray(gt_rows(gt_rows(du).swapaxes(0, 1)).swapaxes(0, 1))
+    """The adjoint of :func:`_winograd_kernels`: ``Gᵀ dU G`` for dU (16, C_in, C_out), as the
+    product (G ⊗ G)ᵀ·dU."""
+    dw = np.empty((3, 3, *du.shape[1:]), dtype=du.dtype)
+    _mm(_GG.T.astype(du.dtype), np.ascontiguousarray(du).reshape(16, -1), dw.reshape(9, -1))
+    return dw
 
 
 def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
