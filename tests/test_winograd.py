@@ -150,3 +150,26 @@ def test_a_nan_stays_visible_and_spreads_over_the_tiles_that_read_it_only(rng):
     tiles = np.zeros_like(want)
     tiles[0, 0:4, 2:6] = True
     assert not np.isnan(y)[~tiles].any()
+
+
+def test_the_kernel_gradient_is_summed_as_it_goes_not_kept_piece_by_piece(rng, monkeypatch):
+    """Wide layers in small pieces: one piece's transformed kernel gradient is 16·C_in·C_out
+    numbers (1 MiB at 128 channels), so keeping each of 64 pieces' parts would take 64 MiB;
+    summed as the pieces come, the backward pass stays within a few MiB of its inputs."""
+    import tracemalloc
+
+    monkeypatch.setattr(ops, "WINOGRAD_PIECE_BYTES", 1)  # one image a piece
+    x, w, _ = _data(rng, (64, 8, 8, 128), 128, np.float32, bias=False)
+    y, cache = ops.conv2d_forward(x, w, None, 1, "same")
+    dy = rng.normal(size=y.shape).astype(np.float32)
+    ops.conv2d_backward(dy, cache)  # workspaces in place
+    tracemalloc.start()
+    try:
+        dx, dw, _ = ops.conv2d_backward(dy, cache)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20, f"{peak / 2**20:.1f} MiB"
+    monkeypatch.setattr(ops, "WINOGRAD", False)  # im2col's gradients, the reference checked
+    dx_im2col, dw_im2col, _ = ops.conv2d_backward(dy, ops.conv2d_forward(x, w, None, 1, 1)[1])
+    assert rel_error(dx, dx_im2col) < 1e-5 and rel_error(dw, dw_im2col) < 1e-5

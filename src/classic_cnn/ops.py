@@ -609,8 +609,8 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
     :func:`_im2col_backward`; piece by piece, as the forward pass.
 
     The kernels' gradient in the transformed space: with V = Bᵀ d B (computed again) and the
-    output gradient's transform dM = A dY Aᵀ, ``dU = Vᵀ·dM`` (16 products; each piece's part
-    kept apart, the parts added in piece order), then ``dw = Gᵀ dU G``. The input gradient of
+    output gradient's transform dM = A dY Aᵀ, ``dU = Vᵀ·dM`` (16 products per piece, summed
+    as said below), then ``dw = Gᵀ dU G``. The input gradient of
     a stride-1 3×3 convolution is itself one: of dy padded by 2 − p where the forward pass
     padded p, with the kernels turned by 180° and their input and output channels swapped
     (``dx[i, j, c] = Σ dy[i + pt − di, j + pl − dj, k]·w[di, dj, c, k]``); it runs on the
@@ -632,7 +632,10 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
     u = _winograd_kernels(np.ascontiguousarray(w[::-1, ::-1].transpose(0, 1, 3, 2)))
     zero_bias = np.zeros(cin, dtype=x.dtype)
     dx = np.empty(x.shape, dtype=x.dtype) if input_grad else None
-    du_parts = np.empty((len(starts), 16, cin, cout), dtype=x.dtype)
+    # one sum per thread, its pieces added in a fixed order, then the threads' sums in thread
+    # order (the split is fixed by the shapes and the thread count): not one part per piece,
+    # which at 256 channels and batch 256 would take 1 GB
+    du_threads = np.zeros((parts, 16, cin, cout), dtype=x.dtype)
     db_parts = np.empty((len(starts), cout), dtype=x.dtype)
     ones = np.ones(step * per, dtype=x.dtype)
     kern = _k()
@@ -643,6 +646,7 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
         m = _workspace("wino_m", (16, step * th * tw, cout), x.dtype)
         xp = _workspace("wino_xp", (2 * th + 2, 2, tw + 1, cin), x.dtype)
         gp = _workspace("wino_gp", (2 * th, 2, tw, cout), x.dtype)
+        du_piece = _workspace("wino_du", (16, cin, cout), x.dtype)
         if input_grad:
             v2 = _workspace("wino_v2", (16, step * hh * hw, cout), x.dtype)
             m2 = _workspace("wino_m2", (16, step * hh * hw, cin), x.dtype)
@@ -660,7 +664,8 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
                 np.matmul(ones[: (e - s) * per], dym[s * per : e * per], out=db_parts[i])
             kern.winograd_input(x, s, e, pt, pl, th, tw, v, xp)
             kern.winograd_output_grad(dym4, s, e, th, tw, m, gp)
-            np.matmul(v[:, :tiles].transpose(0, 2, 1), m[:, :tiles], out=du_parts[i])
+            np.matmul(v[:, :tiles].transpose(0, 2, 1), m[:, :tiles], out=du_piece)
+            du_threads[t] += du_piece
             if input_grad:
                 tiles2 = (e - s) * hh * hw
                 kern.winograd_input(dym4, s, e, 2 - pt, 2 - pl, hh, hw, v2, xp2)
@@ -671,7 +676,7 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
 
     _run(work, parts)
     db = db_parts.sum(axis=0) if has_bias else None
-    return dx, _winograd_weight_grad(du_parts.sum(axis=0)), db
+    return dx, _winograd_weight_grad(du_threads.sum(axis=0)), db
 
 
 def _direct_forward(x, w, b, pads, oh, ow, relu):
