@@ -370,3 +370,37 @@ def test_convolutions_take_the_batch_norm_statistics_and_gradient_sums_with_the_
     for la, lb in zip(a.layers, b.layers, strict=True):
         for name, buf in la.buffers.items():
             np.testing.assert_array_equal(lb.buffers[name], buf, err_msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("chunk_bytes", [1 << 20, 1])
+@pytest.mark.parametrize(
+    "path,cin,kernel", [("direct", 2, 3), ("winograd", 16, 3), ("im2col", 6, 5)]
+)
+@pytest.mark.parametrize("pool,stride", [(2, 2), (3, 2)])
+def test_inference_conv_relu_pool_through_scratch_gives_the_pooled_bits(
+    monkeypatch, threads, chunk_bytes, path, cin, kernel, pool, stride
+):
+    """``keep=False`` (what prediction runs): the convolution's output goes a few images at a
+    time through a scratch array of the thread instead of a feature map kept for backward;
+    the pooled numbers are those of ``keep=True`` bit for bit, on every path, in chunks of
+    one image or many, on one thread or two, and nothing is kept for a backward pass."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "CONV_POOL_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(ops, "IM2COL_PIECE_BYTES", 1 << 12)  # several pieces per thread
+    monkeypatch.setattr(ops, "WINOGRAD_PIECE_BYTES", 1 << 12)
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(7, 13, 12, cin)).astype(np.float32)
+    w = rng.normal(size=(kernel, kernel, cin, 5)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32)
+    with ops.engine_threads(threads):
+        want, conv_cache, pool_cache = ops.conv2d_maxpool_forward(
+            x, w, b, 1, "same", True, (pool, pool), stride
+        )
+        got, none1, none2 = ops.conv2d_maxpool_forward(
+            x, w, b, 1, "same", True, (pool, pool), stride, keep=False
+        )
+    assert conv_cache[5] == (None if path == "direct" else path)  # the path meant was taken
+    assert (none1, none2) == (None, None)
+    np.testing.assert_array_equal(got, want)
+    assert pool_cache is not None and np.isfinite(want).all() and (want > 0).any()

@@ -308,7 +308,15 @@ class Sequential:
                     pool = _at(layers, j) if relu and type(_at(layers, j)) is MaxPool2D else None
                     if pool is not None:
                         x = ops.conv2d_maxpool_forward(
-                            x, w, b, layer.stride, layer.padding, relu, pool.pool_size, pool.stride
+                            x,
+                            w,
+                            b,
+                            layer.stride,
+                            layer.padding,
+                            relu,
+                            pool.pool_size,
+                            pool.stride,
+                            keep=False,
                         )[0]
                         j += 1
                     else:
