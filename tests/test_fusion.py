@@ -404,3 +404,45 @@ def test_inference_conv_relu_pool_through_scratch_gives_the_pooled_bits(
     assert (none1, none2) == (None, None)
     np.testing.assert_array_equal(got, want)
     assert pool_cache is not None and np.isfinite(want).all() and (want > 0).any()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("pool", [None, (2, 2), (3, 2)])
+@pytest.mark.parametrize("keep", [True, False])
+def test_im2col_pieces_in_one_compiled_loop_give_the_bits_of_the_python_loop(
+    monkeypatch, threads, bias, pool, keep
+):
+    """Where oneMKL computes the products, each thread's im2col pieces (gather, product,
+    bias, ReLU, pooling) run in one compiled call that calls oneMKL itself: the very numbers
+    of the loop in Python, which calls it through ctypes, convolution output, pooled output
+    and the pooling's winners alike, whatever the pieces and threads."""
+    if ops._blas.gemm_address(np.float32) is None:
+        pytest.skip("oneMKL does not compute the products here")
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "IM2COL_PIECE_BYTES", 1 << 12)  # several pieces per thread
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(7, 11, 10, 6)).astype(np.float32)
+    x[3, 4, 5, 2] = np.nan  # a NaN goes through both loops alike
+    w = rng.normal(size=(5, 5, 6, 5)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32) if bias else None
+    address = ops._blas.gemm_address
+
+    def run(compiled):
+        monkeypatch.setattr(ops._blas, "gemm_address", address if compiled else lambda d: None)
+        with ops.engine_threads(threads):
+            if pool is None:
+                return ops.conv2d_forward(x, w, b, 1, "same", relu=True)[0], None, None
+            p, conv_cache, pool_cache = ops.conv2d_maxpool_forward(
+                x, w, b, 1, "same", True, (pool[0], pool[0]), pool[1], keep=keep
+            )
+            winners = pool_cache[1] if keep else None
+            return p, (conv_cache[6] if keep else None), winners
+
+    got, want = run(True), run(False)
+    assert np.isnan(want[0]).any() and (want[0] == 0).any() and (want[0] > 0).any()
+    for g, w_ in zip(got, want, strict=True):
+        if w_ is None:
+            assert g is None
+        else:
+            np.testing.assert_array_equal(g, w_)

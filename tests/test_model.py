@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import classic_cnn as cc
+from classic_cnn import ops
 
 
 def lenet(**kwargs):
@@ -145,10 +146,12 @@ def test_predict_proba_and_predict(rng):
     np.testing.assert_array_equal(model.predict(x), p.argmax(axis=1))
 
 
-def test_inference_in_small_batches_by_default(rng, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 2])
+def test_inference_in_small_batches_by_default(rng, monkeypatch, threads):
     """predict_proba and evaluate run big inputs through the network in inference_batch-image
     pieces (a 1,000-image piece is 2-3x slower and needs gigabytes for the fashion preset),
-    with every image's answer in its place."""
+    with every image's answer in its place. On several threads the images are first dealt
+    out to the threads in contiguous shares, each cut into such pieces."""
     from classic_cnn import metrics
     from classic_cnn import model as model_module
 
@@ -163,13 +166,22 @@ def test_inference_in_small_batches_by_default(rng, monkeypatch):
     sizes = []
     logits = model._inference_logits
     monkeypatch.setattr(model, "_inference_logits", lambda xb: sizes.append(len(xb)) or logits(xb))
-    p = model.predict_proba(x)
-    assert max(sizes) == piece and sum(sizes) == n
-    np.testing.assert_allclose(p, model.predict_proba(x, batch_size=n), rtol=1e-5)
-    sizes.clear()
-    y = p.argmax(axis=1)
-    assert metrics.evaluate(model, (x, y))["accuracy"] == 1.0
-    assert max(sizes) == piece and sum(sizes) == n
+
+    def pieces(count):  # what one predict call on `count` images should run
+        parts = ops._parts(count, count * model._macs, ops.NS_PER_MAC_BLAS)
+        shares = ops._ranges(count, parts)
+        return [min(piece, e - i) for s, e in shares for i in range(s, e, piece)]
+
+    with ops.engine_threads(threads):
+        p = model.predict_proba(x)
+        assert sorted(sizes) == sorted(pieces(n)) and sum(sizes) == n
+        assert len(sizes) == (3 if threads == 1 else 4)  # 512+512+5, or 512+2 and 512+3
+        np.testing.assert_allclose(p, model.predict_proba(x, batch_size=n), rtol=1e-5)
+        sizes.clear()
+        y = p.argmax(axis=1)
+        assert metrics.evaluate(model, (x, y))["accuracy"] == 1.0
+        want = pieces(piece) * 2 + pieces(5)
+    assert sorted(sizes) == sorted(want) and sum(sizes) == n
 
 
 def conv_bn_net(use_bias: bool, relu: bool, dtype="float32", seed=0):

@@ -97,18 +97,25 @@ def test_im2col_path_in_pieces_matches_reference(
     assert rel_error(db, db_ref) < tol
 
 
+@pytest.mark.parametrize("compiled_loop", [False, True])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("piece_images", [2, 8])
 def test_backward_reuses_the_patches_still_held_and_never_stale_ones(
-    rng, monkeypatch, threads, piece_images
+    rng, monkeypatch, threads, piece_images, compiled_loop
 ):
     """The backward pass gathers again only the patches its thread's workspace no longer
     holds: with one piece per thread, none; with more, all but the last forward piece of
     each thread. When another convolution of the same shapes ran in between, every piece is
-    gathered again, and the gradients stay the reference's."""
+    gathered again, and the gradients stay the reference's. The same whether the forward
+    pass ran its pieces in Python or in one compiled loop per thread (where oneMKL computes
+    the products; its gathers are then not seen here)."""
     monkeypatch.setattr(ops, "DIRECT_MAX_PATCH", 0)
     monkeypatch.setattr(ops, "WINOGRAD", False)
     monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    if compiled_loop and ops._blas.gemm_address(np.float32) is None:
+        pytest.skip("oneMKL does not compute the products here")
+    if not compiled_loop:
+        monkeypatch.setattr(ops._blas, "gemm_address", lambda dtype: None)
     gathers = []
     real = ops._im2col_into
     monkeypatch.setattr(ops, "_im2col_into", lambda x, *a: gathers.append(len(x)) or real(x, *a))
@@ -116,13 +123,14 @@ def test_backward_reuses_the_patches_still_held_and_never_stale_ones(
     monkeypatch.setattr(ops, "IM2COL_PIECE_BYTES", piece_images * 7 * 6 * 9 * 3 * 4)
     x1, x2 = (rng.normal(size=shape).astype(np.float32) for _ in range(2))
     w = rng.normal(size=(*kernel, 3, 4)).astype(np.float32)
+    forward = 0 if compiled_loop else 1  # forward gathers seen per piece
     with ops.engine_threads(threads):
         pieces = -(-8 // ops._piece_images(8, 42, 27, np.float32))
         y1, cache1 = ops.conv2d_forward(x1, w, None, 1, "same")
-        assert len(gathers) == pieces
+        assert len(gathers) == forward * pieces
         dy = rng.normal(size=y1.shape).astype(np.float32)
         dx, dw, _ = ops.conv2d_backward(dy, cache1)
-        assert len(gathers) == 2 * pieces - min(threads, pieces)
+        assert len(gathers) == (1 + forward) * pieces - min(threads, pieces)
         dx_ref, dw_ref, _ = ref.conv2d_backward(dy, x1, w, 1, "same")
         assert rel_error(dx, dx_ref) < 1e-5 and rel_error(dw, dw_ref) < 1e-5
         _, cache1 = ops.conv2d_forward(x1, w, None, 1, "same")

@@ -210,3 +210,30 @@ def test_im2col_pieces_are_shared_evenly_among_threads(threads, n, positions, pa
     sizes = [min(step, n - s) for s in range(0, n, step)]
     shares = [sum(sizes[t::threads]) for t in range(threads)]  # pieces are dealt out in turn
     assert max(shares) <= 1.1 * n / threads, shares
+
+
+@pytest.mark.determinism
+@pytest.mark.parametrize("arch", ["lenet5", "fashion"])
+def test_prediction_deals_whole_shares_of_images_to_the_threads(monkeypatch, arch):
+    """On two threads, prediction gives each thread a contiguous share of the images to take
+    through the whole network (every operation inside on that thread alone): the same
+    probabilities bit for bit from run to run, in their places, and the one-thread numbers
+    to rounding; the operations inside a share do not split again."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    model = presets.build(arch, seed=0)
+    x = np.random.default_rng(3).random((9, 28, 28, 1), dtype=np.float32)
+    runs = []
+    real = ops._run
+    monkeypatch.setattr(ops, "_run", lambda work, parts: runs.append(parts) or real(work, parts))
+    with ops.engine_threads(1):
+        one = model.predict_proba(x)
+    assert set(runs) == {1}
+    runs.clear()
+    with ops.engine_threads(2):
+        a = model.predict_proba(x)
+        assert runs[0] == 2 and set(runs[1:]) == {1}  # one handoff, nothing split inside
+        b = model.predict_proba(x)
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(a, one, rtol=1e-5, atol=1e-6)
+    for i in (0, 4, 8):  # each image's answer is its own, wherever its share ran
+        np.testing.assert_allclose(a[i], model.predict_proba(x[i : i + 1])[0], rtol=1e-5, atol=1e-6)

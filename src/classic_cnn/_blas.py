@@ -232,6 +232,16 @@ def _blas_ready(a: np.ndarray, strict: bool) -> tuple[np.ndarray, tuple[int, int
     return a, layout
 
 
+def gemm_address(dtype) -> int | None:
+    """The address of the ``cblas_sgemm`` that computes this process's float32 products when
+    it is oneMKL's (for compiled code to call it directly, see ``_kernels._gemm``); None for
+    other dtypes or when NumPy's BLAS computes them."""
+    if np.dtype(dtype) != np.float32:
+        return None
+    sgemm = _STATE["sgemm"] if "sgemm" in _STATE else _load()
+    return None if sgemm is None else ctypes.cast(sgemm, ctypes.c_void_p).value
+
+
 def matmul(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> np.ndarray:
     """``out[...] = a @ b`` for 2-D a (M, K), b (K, N) and out (M, N): NumPy's ``matmul``
     numbers up to rounding (the sums may be added in another order).

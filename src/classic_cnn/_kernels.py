@@ -29,7 +29,9 @@ call in a fresh environment compiles (see README, "Speed"); later processes load
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 # Reductions (sums of products) are vectorized only if the compiler may reorder the additions;
 # the order is then fixed by the compiled code, so results stay bit-identical run to run.
@@ -398,6 +400,27 @@ def maxpool2x2_forward(x, stride, y, arg):
                         a = 3
                     yy[c] = best
                     aa[c] = a
+
+
+@njit(cache=True, nogil=True)
+def conv2d_s1_maxpool_forward(
+    x, w, b, pt, pb, pl, pr, relu, out, keep, chunk, ph, pw, stride, y, arg
+):
+    """:func:`conv2d_s1_forward` (all kernels) then max pooling (``ph × pw`` windows, any
+    stride) into y and arg, ``chunk`` images at a time: images a..c are convolved into
+    ``out[a:c]`` (``keep``: out is the whole feature map) or into the start of ``out`` (a
+    scratch array of ``chunk`` images), and pooled from there while they are in the cache.
+    One call for a thread's whole share, so that the thread stays in compiled code, off
+    Python's GIL, from chunk to chunk."""
+    n, k = x.shape[0], w.shape[3]
+    for a in range(0, n, chunk):
+        c = min(n, a + chunk)
+        dst = out[a:c] if keep else out[: c - a]
+        conv2d_s1_forward(x[a:c], w, b, pt, pb, pl, pr, dst, 0, k, relu)
+        if ph == 2 and pw == 2:
+            maxpool2x2_forward(dst, stride, y[a:c], arg[a:c])
+        else:
+            maxpool2d_forward(dst, ph, pw, stride, y[a:c], arg[a:c])
 
 
 @njit(cache=True, nogil=True)
@@ -951,3 +974,115 @@ def batchnorm_dx(dy, x, mean, inv_std, gamma, beta, relu, scale, shift, slope, d
             for k in range(c):
                 h = (xr[k] - mean[k]) * inv_std[k]
                 out[k] = scale[k] * dr[k] - shift[k] - h * slope[k]
+
+
+# --------------------------------------------------------------------------------------------
+# Products from compiled code: a thread's whole share of the im2col path in one call
+# --------------------------------------------------------------------------------------------
+#
+# Python's GIL is taken back after every call that released it. Two threads that each make
+# many short calls (gather the patches, multiply, add the bias, pool: four per piece) keep
+# finding it held by the other: the one that waits sleeps, and waking a sleeping thread costs
+# 40-100 µs on the 2-core virtual machines measured. There, the im2col path's products ran
+# 1.25x slower per thread with two threads than with one (two processes: not slower), a whole
+# prediction 1.45x. So the piece loop runs here, and calls the product itself: oneMKL's
+# ``cblas_sgemm``, at the address ``_blas.gemm_address`` gives (the same function the Python
+# path calls, with the same arguments: the same bits). The address is an argument, not a
+# constant of the compiled code, so the code is cached like the rest.
+
+
+@intrinsic
+def _gemm(typingctx, fn, m, n, k, a, b, c, trans_a, trans_b, beta):
+    """``c = a·b`` (or ``c = beta·c + a·b``), row-major, through the ``cblas_?gemm`` at
+    address fn (LP64 ints); ``trans_a``/``trans_b``: the operand is given transposed. The
+    leading dimensions are the arrays' row lengths (C-contiguous arrays)."""
+    if not all(isinstance(t, types.Array) for t in (a, b, c)):
+        return None
+    if not a.dtype == b.dtype == c.dtype or a.dtype not in (types.float32, types.float64):
+        return None
+    sig = types.void(fn, m, n, k, a, b, c, trans_a, trans_b, beta)
+
+    def codegen(context, builder, signature, args):
+        fn_, m_, n_, k_, a_, b_, c_, ta_, tb_, beta_ = args
+        aty, bty, cty = signature.args[4:7]
+        flt = ir.FloatType() if aty.dtype == types.float32 else ir.DoubleType()
+        i32, ptr = ir.IntType(32), flt.as_pointer()
+        fnty = ir.FunctionType(ir.VoidType(), [i32] * 6 + [flt, ptr, i32, ptr, i32, flt, ptr, i32])
+        f = builder.inttoptr(fn_, fnty.as_pointer())
+
+        def int32(v):
+            return builder.trunc(v, i32) if v.type.width > 32 else builder.sext(v, i32)
+
+        def operand(val, ty):
+            ary = context.make_array(ty)(context, builder, val)
+            ld = builder.extract_value(ary.shape, 1)
+            return builder.bitcast(ary.data, ptr), int32(ld)
+
+        (pa, lda), (pb, ldb), (pc, ldc) = operand(a_, aty), operand(b_, bty), operand(c_, cty)
+        trans = [
+            builder.select(t, ir.Constant(i32, 112), ir.Constant(i32, 111)) for t in (ta_, tb_)
+        ]
+        beta_v = context.cast(builder, beta_, signature.args[9], aty.dtype)
+        row_major, one = ir.Constant(i32, 101), ir.Constant(flt, 1.0)
+        dims = [int32(m_), int32(n_), int32(k_)]
+        builder.call(f, [row_major, *trans, *dims, one, pa, lda, pb, ldb, beta_v, pc, ldc])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@njit(cache=True, nogil=True)
+def im2col_conv_pieces(
+    gemm,
+    x,
+    starts,
+    step,
+    kh,
+    kw,
+    stride,
+    pt,
+    pl,
+    oh,
+    ow,
+    wmat,
+    b,
+    has_bias,
+    relu,
+    cols,
+    y,
+    keep,
+    ph,
+    pw,
+    pool_stride,
+    pooled,
+    arg,
+):
+    """The im2col path's forward pass over the pieces of x starting at ``starts`` (``step``
+    images each; the last may be shorter): each piece's patches into cols, times the kernels
+    wmat (KH·KW·C_in, K) by the product at address ``gemm``, the bias b and the ReLU, into
+    images s..e of y (N·H'·W', K) (``keep``) or into the start of y (a scratch array of one
+    piece); with ``ph > 0`` then max pooling (``ph × pw`` windows) into pooled and arg. The
+    same numbers as ``ops._im2col_forward``'s loop in Python, step by step."""
+    n, per = x.shape[0], oh * ow
+    patch, k_out = wmat.shape[0], wmat.shape[1]
+    zero = np.zeros(1, dtype=y.dtype)[0]
+    for s in starts:
+        e = min(n, s + step)
+        rows = (e - s) * per
+        piece = cols[:rows]
+        im2col(x[s:e], kh, kw, stride, pt, pl, oh, ow, piece)
+        out = y[s * per : e * per] if keep else y[:rows]
+        _gemm(gemm, rows, k_out, patch, piece, wmat, out, False, False, 0.0)
+        if has_bias:
+            bias_relu(out, b, relu)
+        elif relu:
+            for r in range(rows):
+                for j in range(k_out):
+                    v = out[r, j]
+                    out[r, j] = zero if v < zero else v
+        if ph > 0:
+            src = out.reshape((e - s, oh, ow, k_out))
+            if ph == 2 and pw == 2:
+                maxpool2x2_forward(src, pool_stride, pooled[s:e], arg[s:e])
+            else:
+                maxpool2d_forward(src, ph, pw, pool_stride, pooled[s:e], arg[s:e])

@@ -168,15 +168,17 @@ class Sequential:
 
     def _build(self):
         shape = self.input_shape
-        largest = math.prod(shape)
+        largest, macs = math.prod(shape), 0
         for layer in self.layers:
             layer.build(shape, self.init_rng, self.dtype)
             if isinstance(layer, Dropout):
                 layer.rng = self.dropout_rng
+            macs += layer.macs(shape)
             shape = layer.output_shape(shape)
             largest = max(largest, math.prod(shape))
         self.output_shape = shape
         self._largest_map = largest
+        self._macs = macs
 
     @property
     def inference_batch(self) -> int:
@@ -282,10 +284,22 @@ class Sequential:
         after a convolution is folded into it). For back-propagation use :meth:`forward`."""
         batch_size = batch_size or self.inference_batch
         x = self._as_batch(x)
-        out = [self._inference_logits(x[i : i + batch_size]) for i in range(0, len(x), batch_size)]
-        if not out:
+        if not len(x):
             return np.zeros((0, *self.output_shape), dtype=self.dtype)
-        return np.concatenate(out)
+        # the images split over the threads, each thread taking its share through the whole
+        # network (the work changes hands once, not once per layer; each share stays in its
+        # own core's caches from layer to layer)
+        out = {}
+
+        def share(s, e):
+            out[s] = [
+                self._inference_logits(x[i : min(e, i + batch_size)])
+                for i in range(s, e, batch_size)
+            ]
+
+        with ops.engine_threads():
+            ops.split_whole(len(x), len(x) * self._macs, share, ops.NS_PER_MAC_BLAS)
+        return np.concatenate([z for s in sorted(out) for z in out[s]])
 
     def _inference_logits(self, x: np.ndarray) -> np.ndarray:
         """Logits at inference, as :meth:`forward` gives them, with every batch norm that follows

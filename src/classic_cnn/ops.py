@@ -25,6 +25,7 @@ import threading
 
 import numpy as np
 
+from . import _blas
 from ._blas import matmul as _mm
 
 Pads = tuple[tuple[int, int], tuple[int, int]]
@@ -275,6 +276,25 @@ def _split(n: int, size: float, body, ns_per_unit: float = NS_PER_NUMBER) -> Non
     _run(lambda t: body(*ranges[t]), parts)
 
 
+def split_whole(n: int, size: float, body, ns_per_unit: float = NS_PER_NUMBER) -> None:
+    """``body(start, end)`` over contiguous ranges of 0..n as :func:`_split` deals them out,
+    every operation inside a range on that range's thread alone (:func:`threads` is 1
+    there): for work that goes through many operations, a whole network's forward pass at
+    inference, which then changes hands once instead of once per operation."""
+    parts = _parts(n, size, ns_per_unit)
+    ranges = _ranges(n, parts)
+
+    def work(t):
+        outer = getattr(_LOCAL, "threads", None)
+        _LOCAL.threads = 1  # engine_threads inside is nested: it keeps this
+        try:
+            body(*ranges[t])
+        finally:
+            _LOCAL.threads = outer
+
+    _run(work, parts)
+
+
 # --------------------------------------------------------------------------------------------
 # im2col / col2im
 # --------------------------------------------------------------------------------------------
@@ -384,12 +404,16 @@ def _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather: bool = T
     piece on this thread, when no other convolution has used the workspace since (the
     backward pass takes each thread's pieces in reverse order, so that piece comes first).
     The cache keeps x alive from forward to backward, so its ``id`` cannot be reused."""
-    key = ("cols", x.dtype.str)
     tag = (id(x), s, e, kh, kw, stride, pads, oh, ow, piece.shape)
-    held = _held()
-    if gather or held.get(key) != tag:
+    if gather or _held().get(("cols", x.dtype.str)) != tag:
         _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
-        held[key] = tag
+        _hold(x, s, e, kh, kw, stride, pads, oh, ow, piece)
+
+
+def _hold(x, s, e, kh, kw, stride, pads, oh, ow, piece) -> None:
+    """Record that this thread's "cols" workspace now holds the patches of images s..e of x
+    (see :func:`_patches_into`)."""
+    _held()[("cols", x.dtype.str)] = (id(x), s, e, kh, kw, stride, pads, oh, ow, piece.shape)
 
 
 def _window_slices(kh: int, kw: int, stride: int, oh: int, ow: int):
@@ -483,12 +507,17 @@ def conv2d_forward(
     return _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after)
 
 
-def _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after=None, keep=True):
+def _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after=None, keep=True, pool=None):
     """The im2col path of :func:`conv2d_forward`. ``make_after(y)``, given the output
     (N, H', W', C_out) before it is computed, returns ``after(s, e, piece)``, run on the same
-    thread right after images s..e are written, ``piece`` holding them (the pooling that
-    follows, in the cache). ``keep=False`` (inference): each piece's output goes to a scratch
-    array of the thread, not into an output kept (y is then None, and so is the cache)."""
+    thread right after images s..e are written, ``piece`` holding them (the batch norm's
+    statistics, in the cache). ``pool``: ``(ph, pw, stride, pooled, arg)``, the max pooling
+    that follows, done the same way into pooled and arg. ``keep=False`` (inference): each
+    piece's output goes to a scratch array of the thread, not into an output kept (y is then
+    None, and so is the cache).
+
+    Where oneMKL computes the products (float32), each thread's pieces run in one compiled
+    call, pooling included (``_kernels.im2col_conv_pieces``: the same steps, off the GIL)."""
     n, cin = x.shape[0], x.shape[3]
     kh, kw, _, cout = w.shape
     # im2col × kernels, a few images at a time (see IM2COL_PIECE_BYTES); the pieces are dealt
@@ -500,23 +529,77 @@ def _im2col_forward(x, w, b, stride, pads, oh, ow, relu, make_after=None, keep=T
     step = _piece_images(n, per, patch, x.dtype, cout)
     starts = range(0, n, step)
     parts = _parts(len(starts), n * per * patch, _im2col_ns(cout))
-    bias_relu, relu = _k().bias_relu, bool(relu)
+    relu, kern = bool(relu), _k()
+    gemm = _blas.gemm_address(x.dtype) if after is None else None
+    ph, pw, pool_stride, pooled, arg = pool if pool is not None else (0, 0, 1, None, None)
+
+    def pool_piece(src, s, e):
+        if (ph, pw) == (2, 2):
+            kern.maxpool2x2_forward(src, pool_stride, pooled[s:e], arg[s:e])
+        else:
+            kern.maxpool2d_forward(src, ph, pw, pool_stride, pooled[s:e], arg[s:e])
 
     def work(t):
         cols = _workspace("cols", (step * per, patch), x.dtype)
         scratch = None if keep else _workspace("conv_out", (step * per, cout), x.dtype)
-        for s in starts[t::parts]:
+        mine = starts[t::parts]
+        if gemm is not None and len(mine):
+            bias = b if b is not None else wmat[0]  # (unread without a bias)
+            out = y if keep else scratch
+            nothing = (np.empty((0,) * 4, x.dtype), np.empty((0,) * 4, np.uint8))
+            pool_out = (pooled, arg) if pool is not None else nothing
+            kern.im2col_conv_pieces(
+                gemm,
+                x,
+                np.asarray(mine, dtype=np.int64),
+                step,
+                kh,
+                kw,
+                stride,
+                pads[0][0],
+                pads[1][0],
+                oh,
+                ow,
+                wmat,
+                bias,
+                b is not None,
+                relu,
+                cols,
+                out,
+                keep,
+                ph,
+                pw,
+                pool_stride,
+                *pool_out,
+            )
+            s = mine[-1]
+            _hold(
+                x,
+                s,
+                min(n, s + step),
+                kh,
+                kw,
+                stride,
+                pads,
+                oh,
+                ow,
+                cols[: (min(n, s + step) - s) * per],
+            )
+            return
+        for s in mine:
             e = min(n, s + step)
             piece = cols[: (e - s) * per]
             _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece)
             out = y[s * per : e * per] if keep else scratch[: (e - s) * per]
             _mm(piece, wmat, out)
             if b is not None:  # bias and ReLU in one pass, while the piece is in the caches
-                bias_relu(out, b, relu)
+                kern.bias_relu(out, b, relu)
             elif relu:
                 np.maximum(out, 0, out=out)
             if after is not None:
                 after(s, e, out.reshape(e - s, oh, ow, cout))
+            if pool is not None:
+                pool_piece(out.reshape(e - s, oh, ow, cout), s, e)
 
     _run(work, parts)
     if not keep:
@@ -949,26 +1032,31 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, relu, pool_size, pool_strid
     pooled, pool_cache, pool_into, pool_ns = _maxpool_parts(
         (n, oh, ow, cout), x.dtype, pool_size, pool_stride
     )
-    pool_cache = pool_cache if keep else None
     if not _direct(w, stride):  # each piece pooled right after it is computed
-        after = lambda y: lambda s, e, piece: pool_into(piece, s, e)  # noqa: E731
         if _winograd(w, stride):
+            after = lambda y: lambda s, e, piece: pool_into(piece, s, e)  # noqa: E731
             _, conv_cache = _winograd_forward(x, w, b, pads, oh, ow, relu, after, keep)
         else:
-            _, conv_cache = _im2col_forward(x, w, b, stride, pads, oh, ow, relu, after, keep)
-        return pooled, conv_cache, pool_cache
-    y, conv_cache, conv, ns = _direct_forward(x, w, b, pads, oh, ow, relu, keep)
+            pool = (*pool_size, pool_stride, pooled, pool_cache[1])
+            _, conv_cache = _im2col_forward(
+                x, w, b, stride, pads, oh, ow, relu, keep=keep, pool=pool
+            )
+        return pooled, conv_cache, pool_cache if keep else None
+    y, conv_cache, _, ns = _direct_forward(x, w, b, pads, oh, ow, relu, keep)
     chunk = max(1, CONV_POOL_CHUNK_BYTES // (oh * ow * cout * x.dtype.itemsize))
+    bias = b if b is not None else np.zeros(cout, dtype=x.dtype)
+    (pt, pb), (pl, pr) = pads
+    wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_maxpool_forward
+    _, arg, (ph, pw), _ = pool_cache
+    relu = bool(relu)
 
     def body(s, e):
-        for a in range(s, e, chunk):
-            c = min(e, a + chunk)
-            out = y[a:c] if keep else _workspace("conv_out", (c - a, oh, ow, cout), x.dtype)
-            conv(a, c, out)
-            pool_into(out, a, c)
+        out = y[s:e] if keep else _workspace("conv_out", (min(chunk, e - s), oh, ow, cout), x.dtype)
+        pool = (ph, pw, pool_stride, pooled[s:e], arg[s:e])
+        kern(x[s:e], wc, bias, pt, pb, pl, pr, relu, out, keep, chunk, *pool)
 
     _split(n, ns + pool_ns, body, 1.0)
-    return pooled, conv_cache, pool_cache
+    return pooled, conv_cache, pool_cache if keep else None
 
 
 def conv2d_maxpool_backward(dp, conv_cache, pool_cache, input_grad: bool = True):
