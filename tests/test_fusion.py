@@ -446,3 +446,47 @@ def test_im2col_pieces_in_one_compiled_loop_give_the_bits_of_the_python_loop(
             assert g is None
         else:
             np.testing.assert_array_equal(g, w_)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("pool", [None, (2, 2), (3, 2)])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_im2col_backward_in_one_compiled_loop_gives_the_bits_of_the_python_loop(
+    monkeypatch, threads, bias, pool, input_grad
+):
+    """The backward pass's compiled loop (the pooling's gradient routed, the ReLU's mask,
+    the bias and kernel gradients, the patches' gradient added back into dx) gives the very
+    numbers of the loop in Python, forward pass included, for each of its pieces and
+    threads."""
+    if ops._blas.gemm_address(np.float32) is None:
+        pytest.skip("oneMKL does not compute the products here")
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "IM2COL_PIECE_BYTES", 1 << 12)  # several pieces per thread
+    rng = np.random.default_rng(8)
+    x = rng.normal(size=(7, 11, 10, 6)).astype(np.float32)
+    w = rng.normal(size=(5, 5, 6, 5)).astype(np.float32)
+    b = rng.normal(size=5).astype(np.float32) if bias else None
+    address = ops._blas.gemm_address
+
+    def run(compiled):
+        monkeypatch.setattr(ops._blas, "gemm_address", address if compiled else lambda d: None)
+        with ops.engine_threads(threads):
+            if pool is None:
+                y, cache = ops.conv2d_forward(x, w, b, 1, "same", relu=True)
+                dy = np.random.default_rng(1).normal(size=y.shape).astype(np.float32)
+                return ops.conv2d_backward(dy, cache, input_grad)
+            p, conv_cache, pool_cache = ops.conv2d_maxpool_forward(
+                x, w, b, 1, "same", True, (pool[0], pool[0]), pool[1]
+            )
+            dp = np.random.default_rng(1).normal(size=p.shape).astype(np.float32)
+            return ops.conv2d_maxpool_backward(dp, conv_cache, pool_cache, input_grad)
+
+    got, want = run(True), run(False)
+    assert (want[0] is None) == (not input_grad) and (want[2] is None) == (not bias)
+    for g, w_ in zip(got, want, strict=True):
+        if w_ is None:
+            assert g is None
+        else:
+            assert np.abs(w_).max() > 0
+            np.testing.assert_array_equal(g, w_)

@@ -1086,3 +1086,85 @@ def im2col_conv_pieces(
                 maxpool2x2_forward(src, pool_stride, pooled[s:e], arg[s:e])
             else:
                 maxpool2d_forward(src, ph, pw, pool_stride, pooled[s:e], arg[s:e])
+
+
+@njit(cache=True, nogil=True)
+def im2col_conv_backward_pieces(
+    gemm,
+    x,
+    dy,
+    y,
+    relu,
+    dym,
+    mine,
+    starts,
+    step,
+    held_first,
+    kh,
+    kw,
+    stride,
+    pt,
+    pl,
+    wmat,
+    has_bias,
+    ones,
+    db_parts,
+    dw_parts,
+    cols,
+    dcols,
+    input_grad,
+    dx,
+    route,
+    dp,
+    arg,
+    ph,
+    pw,
+    pool_stride,
+):
+    """The im2col path's backward pass over this thread's pieces ``mine`` (indices into
+    ``starts``, in the order taken), the same steps as ``ops._im2col_backward``'s loop in
+    Python: with ``route`` 1 or 2, the pooling's gradient dp routed to its winners first
+    (into images s..e of dy (N, H', W', K); 1: 2×2 windows at stride 2); with ``relu``, dy
+    kept where the output y was positive, into dym; the piece's bias gradient (ones·dy) and
+    kernel gradient (patchesᵀ·dy) into its parts; with ``input_grad``, the patches' gradient
+    dy·wmatᵀ added back into dx. The patches are gathered again, except the first piece's
+    when ``held_first`` (the thread's buffer still holds them from the forward pass)."""
+    n, oh, ow, k_out = dy.shape
+    per, patch = oh * ow, wmat.shape[0]
+    dy2, dym2 = dy.reshape((n * per, k_out)), dym.reshape((n * per, k_out))
+    yf, dyf, dymf = y.reshape(-1), dy.reshape(-1), dym.reshape(-1)
+    for q in range(len(mine)):
+        i = mine[q]
+        s = starts[i]
+        e = min(n, s + step)
+        rows = (e - s) * per
+        if route == 1:
+            maxpool2x2s2_backward(dp[s:e], arg[s:e], dy[s:e])
+        elif route == 2:
+            dy[s:e] = 0
+            maxpool2d_backward(dp[s:e], arg[s:e], pw, pool_stride, dy[s:e])
+        if relu:
+            lo, hi = s * per * k_out, e * per * k_out
+            relu_backward(dyf[lo:hi], yf[lo:hi], dymf[lo:hi])
+        dy_piece = dym2[s * per : e * per] if relu else dy2[s * per : e * per]
+        if has_bias:
+            _gemm(
+                gemm,
+                1,
+                k_out,
+                rows,
+                ones[:rows].reshape((1, rows)),
+                dy_piece,
+                db_parts[i : i + 1],
+                False,
+                False,
+                0.0,
+            )
+        piece = cols[:rows]
+        if q > 0 or not held_first:
+            im2col(x[s:e], kh, kw, stride, pt, pl, oh, ow, piece)
+        _gemm(gemm, patch, k_out, rows, piece, dy_piece, dw_parts[i], True, False, 0.0)
+        if input_grad:
+            dpiece = dcols[:rows]
+            _gemm(gemm, rows, patch, k_out, dy_piece, wmat, dpiece, False, True, 0.0)
+            col2im(dpiece, kh, kw, stride, pt, pl, oh, ow, dx[s:e])

@@ -409,7 +409,7 @@ def _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather: bool = T
     piece on this thread, when no other convolution has used the workspace since (the
     backward pass takes each thread's pieces in reverse order, so that piece comes first).
     The cache keeps x alive from forward to backward, so its ``id`` cannot be reused."""
-    tag = (id(x), s, e, kh, kw, stride, pads, oh, ow, piece.shape)
+    tag = _tag(x, s, e, kh, kw, stride, pads, oh, ow, piece.shape)
     if gather or _held().get(("cols", x.dtype.str)) != tag:
         _im2col_into(x[s:e], kh, kw, stride, pads, oh, ow, piece)
         _hold(x, s, e, kh, kw, stride, pads, oh, ow, piece)
@@ -418,7 +418,12 @@ def _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather: bool = T
 def _hold(x, s, e, kh, kw, stride, pads, oh, ow, piece) -> None:
     """Record that this thread's "cols" workspace now holds the patches of images s..e of x
     (see :func:`_patches_into`)."""
-    _held()[("cols", x.dtype.str)] = (id(x), s, e, kh, kw, stride, pads, oh, ow, piece.shape)
+    _held()[("cols", x.dtype.str)] = _tag(x, s, e, kh, kw, stride, pads, oh, ow, piece.shape)
+
+
+def _tag(x, s, e, kh, kw, stride, pads, oh, ow, shape) -> tuple:
+    """What identifies the patches of images s..e of x in a workspace of ``shape``."""
+    return (id(x), s, e, kh, kw, stride, pads, oh, ow, tuple(shape))
 
 
 def _window_slices(kh: int, kw: int, stride: int, oh: int, ow: int):
@@ -866,10 +871,16 @@ def conv2d_backward(
     return _PIECES_BACKWARD[path](dy, cache, input_grad, after=after)
 
 
-def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
+def _im2col_backward(dy, cache, input_grad, fill=None, after=None, route=None):
     """The im2col path of :func:`conv2d_backward`. With ``fill``, dy is not filled yet:
-    ``fill(s, e)`` fills images s..e of it, on the thread that then uses them; ``after(dx, s,
-    e)`` runs right after images s..e of dx are complete."""
+    ``fill(s, e)`` fills images s..e of it, on the thread that then uses them; ``route``:
+    ``(dp, arg, ph, pw, stride)`` of the max pooling whose gradient ``fill`` routes (what
+    the compiled loop does instead); ``after(dx, s, e)`` runs right after images s..e of dx
+    are complete.
+
+    Where oneMKL computes the products (float32) and nothing is to run after a piece, each
+    thread's pieces run in one compiled call (``_kernels.im2col_conv_backward_pieces``: the
+    same steps, off the GIL, see ``_kernels.im2col_conv_pieces``)."""
     x, w, has_bias, stride, pads, _, y = cache
     kh, kw, cin, cout = w.shape
     relu = y is not None
@@ -883,7 +894,8 @@ def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
     patch, per = kh * kw * cin, oh * ow
     dy2 = dy.reshape(-1, cout)
     dym = np.empty(dy2.shape, dtype=dy2.dtype) if relu else dy2
-    wmat_t = np.ascontiguousarray(w).reshape(patch, cout).T
+    wmat = np.ascontiguousarray(w).reshape(patch, cout)
+    wmat_t = wmat.T
     dx = np.zeros(x.shape, dtype=x.dtype) if input_grad else None
     step = _piece_images(n, per, patch, x.dtype, cout)  # the forward pass's pieces
     starts = range(0, n, step)
@@ -891,12 +903,71 @@ def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
     db_parts = np.empty((len(starts), cout), dtype=x.dtype)
     ones = np.ones(step * per, dtype=x.dtype)
     parts = _parts(len(starts), n * per * patch, _im2col_ns(cout, 2 if input_grad else 1))
-    col2im_kernel, mask = _k().col2im, _k().relu_backward
+    kern = _k()
+    col2im_kernel, mask = kern.col2im, kern.relu_backward
     yf = y.reshape(-1) if relu else None
+    native = after is None and (fill is None or route is not None)
+    gemm = _blas.gemm_address(x.dtype) if native else None
+
+    def compiled(t, cols, dcols):
+        mine = list(reversed(range(t, len(starts), parts)))  # the piece still held first
+        s = starts[mine[0]]
+        e = min(n, s + step)
+        tag = _tag(x, s, e, kh, kw, stride, pads, oh, ow, ((e - s) * per, patch))
+        held = _held().get(("cols", x.dtype.str)) == tag
+        dp, arg, ph, pw, pool_stride = route if route is not None else (dy, _NO_ARG, 0, 0, 1)
+        kind = 0 if route is None else 1 if (ph, pw, pool_stride) == (2, 2, 2) else 2
+        kern.im2col_conv_backward_pieces(
+            gemm,
+            x,
+            dy,
+            y if relu else dy,
+            relu,
+            dym.reshape(dy.shape),
+            np.asarray(mine, np.int64),
+            np.asarray(starts, np.int64),
+            step,
+            held,
+            kh,
+            kw,
+            stride,
+            pt,
+            pl,
+            wmat,
+            has_bias,
+            ones,
+            db_parts,
+            dw_parts,
+            cols,
+            dcols if input_grad else cols,
+            input_grad,
+            dx if input_grad else x,
+            kind,
+            dp,
+            arg,
+            ph,
+            pw,
+            pool_stride,
+        )
+        s = starts[mine[-1]]
+        _hold(
+            x,
+            s,
+            min(n, s + step),
+            kh,
+            kw,
+            stride,
+            pads,
+            oh,
+            ow,
+            cols[: (min(n, s + step) - s) * per],
+        )
 
     def work(t):
         cols = _workspace("cols", (step * per, patch), x.dtype)
         dcols = _workspace("dcols", (step * per, patch), x.dtype) if input_grad else None
+        if gemm is not None:
+            return compiled(t, cols, dcols)
         for i in reversed(range(t, len(starts), parts)):  # the piece still held comes first
             s = starts[i]
             e = min(n, s + step)
@@ -908,7 +979,7 @@ def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
                 mask(dy2.reshape(-1)[lo:hi], yf[lo:hi], dym.reshape(-1)[lo:hi])
             dy_piece = dym[s * per : e * per]
             if has_bias:  # a column sum as a product with ones: ~8× faster than .sum(axis=0)
-                np.matmul(ones[: len(dy_piece)], dy_piece, out=db_parts[i])
+                _mm(ones[: len(dy_piece)].reshape(1, -1), dy_piece, db_parts[i : i + 1])
             _patches_into(x, s, e, kh, kw, stride, pads, oh, ow, piece, gather=False)
             _mm(piece.T, dy_piece, dw_parts[i])
             if input_grad:
@@ -921,6 +992,10 @@ def _im2col_backward(dy, cache, input_grad, fill=None, after=None):
     _run(work, parts)
     db = db_parts.sum(axis=0) if has_bias else None
     return dx, dw_parts.sum(axis=0).reshape(w.shape), db
+
+
+#: a pooling's winners where there is no pooling (the compiled loops' placeholder)
+_NO_ARG = np.empty((0, 0, 0, 0), dtype=np.uint8)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1070,7 +1145,11 @@ def conv2d_maxpool_backward(dp, conv_cache, pool_cache, input_grad: bool = True)
     through both backward passes."""
     dp = np.ascontiguousarray(dp, dtype=conv_cache[0].dtype)
     dy, pool = _maxpool_backward(dp, pool_cache)
-    if conv_cache[5] is not None:  # im2col or Winograd: each piece's gradient routed first
+    if conv_cache[5] == "im2col":  # each piece's gradient routed first
+        _, arg, (ph, pw), stride = pool_cache
+        route = (dp, arg, ph, pw, stride)
+        return _im2col_backward(dy, conv_cache, input_grad, fill=pool, route=route)
+    if conv_cache[5] is not None:  # Winograd: each piece's gradient routed first
         return _PIECES_BACKWARD[conv_cache[5]](dy, conv_cache, input_grad, fill=pool)
     conv, finish, ns = _direct_backward(dy, conv_cache, input_grad)
 
