@@ -173,3 +173,45 @@ def test_the_kernel_gradient_is_summed_as_it_goes_not_kept_piece_by_piece(rng, m
     monkeypatch.setattr(ops, "WINOGRAD", False)  # im2col's gradients, the reference checked
     dx_im2col, dw_im2col, _ = ops.conv2d_backward(dy, ops.conv2d_forward(x, w, None, 1, 1)[1])
     assert rel_error(dx, dx_im2col) < 1e-5 and rel_error(dw, dw_im2col) < 1e-5
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("step", ["plain", "moments", "pool", "pool-scratch"])
+def test_the_compiled_piece_loop_agrees_with_the_python_loop(monkeypatch, threads, step):
+    """Where oneMKL computes the products, each thread's Winograd pieces (transforms, 16
+    products, bias and ReLU, then pooling or the batch norm's statistics) run in one
+    compiled call calling oneMKL; elsewhere in Python with NumPy's stacked product. Both
+    give the reference's numbers; with the same products they would give the same bits."""
+    if ops._blas.gemm_address(np.float32) is None:
+        pytest.skip("oneMKL does not compute the products here")
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "WINOGRAD_PIECE_BYTES", 1 << 14)  # several pieces per thread
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5, 9, 11, 16)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 16, 8)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32)
+    address = ops._blas.gemm_address
+
+    def run(compiled):
+        monkeypatch.setattr(ops._blas, "gemm_address", address if compiled else lambda d: None)
+        with ops.engine_threads(threads):
+            if step in ("plain", "moments"):
+                stats = (np.empty((5, 8)), np.empty((5, 8))) if step == "moments" else None
+                y, cache = ops.conv2d_forward(x, w, b, 1, "same", relu=True, moments=stats)
+                assert cache[5] == "winograd"
+                return (y, *(stats or ()))
+            p, _, _ = ops.conv2d_maxpool_forward(
+                x, w, b, 1, "same", True, (2, 2), 2, keep=step == "pool"
+            )
+            return (p,)
+
+    got, want = run(True), run(False)
+    ref_y = np.maximum(ref.conv2d_forward(x, w, b, 1, "same"), 0)
+    for g, w_ in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w_, rtol=1e-5, atol=1e-5)
+    if step == "plain":
+        np.testing.assert_allclose(got[0], ref_y, rtol=1e-4, atol=1e-4)
+    if step == "moments":  # per image and channel: the sum and the squared deviations
+        np.testing.assert_allclose(got[1], ref_y.sum(axis=(1, 2)), rtol=1e-5)
+        dev = ref_y - ref_y.mean(axis=(1, 2), keepdims=True)
+        np.testing.assert_allclose(got[2], (dev**2).sum(axis=(1, 2)), rtol=1e-4)

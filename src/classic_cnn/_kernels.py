@@ -1168,3 +1168,62 @@ def im2col_conv_backward_pieces(
             dpiece = dcols[:rows]
             _gemm(gemm, rows, patch, k_out, dy_piece, wmat, dpiece, False, True, 0.0)
             col2im(dpiece, kh, kw, stride, pt, pl, oh, ow, dx[s:e])
+
+
+@njit(cache=True, nogil=True)
+def winograd_conv_pieces(
+    gemm,
+    x,
+    starts,
+    step,
+    pt,
+    pl,
+    th,
+    tw,
+    u,
+    b,
+    relu,
+    v,
+    m,
+    xp,
+    y,
+    keep,
+    ph,
+    pw,
+    pool_stride,
+    pooled,
+    arg,
+    moments,
+    sums,
+    m2,
+):
+    """The Winograd path's forward pass over the pieces of x starting at ``starts`` (``step``
+    images each), the same steps as ``ops._winograd_forward``'s loop in Python: the inputs'
+    transform into v, the 16 products V·U by the product at address ``gemm``, the outputs'
+    transform (bias b, ReLU) into images s..e of y (``keep``) or into the start of y (a
+    scratch array of one piece); then with ``ph > 0`` max pooling into pooled and arg, with
+    ``moments`` each image's statistics into sums and m2 (``ops.image_moments``)."""
+    n = x.shape[0]
+    oh, ow, k_out = y.shape[1], y.shape[2], y.shape[3]
+    for s in starts:
+        e = min(n, s + step)
+        tiles = (e - s) * th * tw
+        winograd_input(x, s, e, pt, pl, th, tw, v, xp)
+        for i in range(16):
+            _gemm(
+                gemm, tiles, k_out, u.shape[1], v[i, :tiles], u[i], m[i, :tiles], False, False, 0.0
+            )
+        if keep:
+            winograd_output(m, s, e, th, tw, b, relu, y)
+            out = y[s:e]
+        else:
+            out = y[: e - s]
+            winograd_output(m, 0, e - s, th, tw, b, relu, out)
+        if ph > 0:
+            if ph == 2 and pw == 2:
+                maxpool2x2_forward(out, pool_stride, pooled[s:e], arg[s:e])
+            else:
+                maxpool2d_forward(out, ph, pw, pool_stride, pooled[s:e], arg[s:e])
+        if moments:
+            per = oh * ow
+            channel_block_moments(out.reshape(((e - s) * per, k_out)), per, sums[s:e], m2[s:e])
