@@ -658,9 +658,10 @@ def _winograd_plan(x_shape, w, oh, ow, dtype):
     per_image = 16 * th * tw * max(cin, cout) * np.dtype(dtype).itemsize
     step = max(1, min(n, WINOGRAD_PIECE_BYTES // max(per_image, 1)))
     size = n * oh * ow * 9 * cin
-    t = _parts(n, size, _im2col_ns(cout) / 2)
-    pieces = math.ceil(math.ceil(n / step) / t) * t
-    step = math.ceil(n / min(pieces, n))
+    # the pieces as even as possible, but the same whatever the thread count: a tile's
+    # product is then the same call, of the same size, on 1 thread or 3, and so are its bits
+    # (oneMKL's AVX2 path gives a row other last bits in a product of another size)
+    step = math.ceil(n / math.ceil(n / step))
     starts = range(0, n, step)
     return th, tw, step, starts, _parts(len(starts), size, _im2col_ns(cout) / 2)
 
