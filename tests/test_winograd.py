@@ -216,3 +216,85 @@ def test_the_compiled_piece_loop_agrees_with_the_python_loop(monkeypatch, thread
         np.testing.assert_allclose(got[1], ref_y.sum(axis=(1, 2)), rtol=1e-5)
         dev = ref_y - ref_y.mean(axis=(1, 2), keepdims=True)
         np.testing.assert_allclose(got[2], (dev**2).sum(axis=(1, 2)), rtol=1e-4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("step", ["relu-bias", "pool2", "pool3", "bn-sums", "no-input-grad"])
+def test_the_compiled_backward_loop_agrees_with_the_python_loop(monkeypatch, threads, step):
+    """The backward pass's pieces (the pooling's routing, ReLU mask, bias gradient, kernel
+    gradient's transforms and 16 products, the input gradient as a convolution, the gradient
+    sums of the batch norm before) run in one compiled call per thread where oneMKL computes
+    the products, else in Python with NumPy's stacked products: the same gradients to
+    float32 rounding, and the reference's."""
+    if ops._blas.gemm_address(np.float32) is None:
+        pytest.skip("oneMKL does not compute the products here")
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "WINOGRAD_PIECE_BYTES", 1 << 14)  # several pieces per thread
+    rng = np.random.default_rng(7)
+    raw = rng.normal(size=(5, 9, 11, 16)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 16, 8)).astype(np.float32)
+    b = rng.normal(size=8).astype(np.float32) if step == "relu-bias" else None
+    gamma, beta = rng.normal(size=16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+    bn = step == "bn-sums"
+    if bn:  # the convolution's input from a batch norm + ReLU, whose gradient sums it takes
+        x, bn_cache = ops.batchnorm_forward(
+            raw, gamma, beta, np.zeros(16, np.float32), np.ones(16, np.float32), True, relu=True
+        )
+    else:
+        x = raw
+    pool = {"pool2": ((2, 2), 2), "pool3": ((3, 3), 2)}.get(step)
+    input_grad = step != "no-input-grad"
+    address = ops._blas.gemm_address
+    kernel, calls = ops._k().winograd_conv_backward_pieces, []
+
+    def spy(*args):
+        calls.append(args[0])
+        return kernel(*args)
+
+    monkeypatch.setattr(ops._k(), "winograd_conv_backward_pieces", spy)
+
+    def run(compiled):
+        monkeypatch.setattr(ops._blas, "gemm_address", address if compiled else lambda d: None)
+        with ops.engine_threads(threads):
+            if pool is not None:
+                p, cc, pc = ops.conv2d_maxpool_forward(x, w, b, 1, "same", True, *pool)
+                dp = np.random.default_rng(8).normal(size=p.shape).astype(np.float32)
+                return ops.conv2d_maxpool_backward(dp, cc, pc, input_grad), dp
+            y, cache = ops.conv2d_forward(x, w, b, 1, "same", relu=step == "relu-bias")
+            assert cache[5] == "winograd"
+            dy = np.random.default_rng(8).normal(size=y.shape).astype(np.float32)
+            if not bn:
+                return ops.conv2d_backward(dy, cache, input_grad), dy
+            sums, after = ops.batchnorm_grad_sums_taker(bn_cache)
+            got = ops.conv2d_backward(dy, cache, input_grad, after)
+            return (*got, *sums), dy
+
+    (got, dy), (want, _) = run(True), run(False)
+    assert len(calls) == threads  # one compiled call per thread, none in the Python loop
+    assert len(got) == len(want)
+    for g, w_ in zip(got, want, strict=True):
+        assert (g is None) == (w_ is None)
+        if g is not None:
+            np.testing.assert_allclose(g, w_, rtol=2e-5, atol=2e-5)
+    dx, dw, db = got[:3]
+    if pool is None:  # the reference's gradients
+        y = ref.conv2d_forward(x, w, b, 1, "same")
+        dyr = dy * (y > 0) if step == "relu-bias" else dy
+        rdx, rdw, rdb = ref.conv2d_backward(dyr, x, w, 1, "same")
+        np.testing.assert_allclose(dw, rdw, rtol=1e-4, atol=1e-3)
+        if input_grad:
+            np.testing.assert_allclose(dx, rdx, rtol=1e-4, atol=1e-4)
+        if b is not None:
+            np.testing.assert_allclose(db, rdb, rtol=1e-4, atol=1e-4)
+        else:
+            assert db is None
+    if not input_grad:
+        assert dx is None
+    if bn:  # the sums batch norm would take of dx itself
+        sb, sg = np.empty((5, 16)), np.empty((5, 16))
+        x2, mean, _, inv_std, _, _, per, (g, bt) = bn_cache
+        ops._k().batchnorm_grad_sums(
+            dx.reshape(-1, 16), x2, mean, inv_std, g, bt, True, per, sb, sg
+        )
+        np.testing.assert_array_equal(got[3], sb)
+        np.testing.assert_array_equal(got[4], sg)

@@ -1227,3 +1227,158 @@ def winograd_conv_pieces(
         if moments:
             per = oh * ow
             channel_block_moments(out.reshape(((e - s) * per, k_out)), per, sums[s:e], m2[s:e])
+
+
+@njit(cache=True, nogil=True)
+def winograd_conv_backward_pieces(
+    gemm,
+    x,
+    dy,
+    y,
+    relu,
+    dym,
+    mine,
+    starts,
+    step,
+    pt,
+    pl,
+    th,
+    tw,
+    has_bias,
+    ones,
+    db_parts,
+    v,
+    m,
+    xp,
+    gp,
+    du_piece,
+    du_sum,
+    input_grad,
+    hh,
+    hw,
+    u,
+    v2,
+    m2,
+    xp2,
+    zero_bias,
+    dx,
+    route,
+    dp,
+    arg,
+    ph,
+    pw,
+    pool_stride,
+    sums,
+    bn_x,
+    bn_mean,
+    bn_inv_std,
+    bn_gamma,
+    bn_beta,
+    bn_relu,
+    sb,
+    sg,
+):
+    """The Winograd path's backward pass over this thread's pieces ``mine`` (indices into
+    ``starts``, in the order taken), the same steps as ``ops._winograd_backward``'s loop in
+    Python, its products by the product at address ``gemm``: with ``route`` 1 or 2 the
+    pooling's gradient dp routed to its winners first (as in
+    :func:`im2col_conv_backward_pieces`); with ``relu``, dy kept where the output y was
+    positive, into dym; the piece's bias gradient (ones·dy) into its part; the inputs'
+    transform V (again) and the output gradient's dM, the 16 products Vᵀ·dM into du_piece,
+    added to du_sum; with ``input_grad``, dx as the forward convolution of dy (padded by 2 −
+    p) with the turned kernels' transforms u; with ``sums``, then the gradient sums of the
+    batch norm before (``batchnorm_grad_sums`` of images s..e of dx, its cache's x, mean,
+    inv_std, gamma, beta and ReLU) into sb and sg, while dx is in the cache."""
+    n, oh, ow, k_out = dy.shape
+    cin = x.shape[3]
+    per, per_in = oh * ow, x.shape[1] * x.shape[2]
+    dyf, yf, dymf = dy.reshape(-1), y.reshape(-1), dym.reshape(-1)
+    src = dym if relu else dy
+    src2 = src.reshape((n * per, k_out))
+    dx2 = dx.reshape((dx.shape[0] * per_in, dx.shape[3]))
+    for q in range(len(mine)):
+        i = mine[q]
+        s = starts[i]
+        e = min(n, s + step)
+        rows, tiles = (e - s) * per, (e - s) * th * tw
+        if tiles == 0:  # no output at all (a product over nothing may leave its output as is)
+            db_parts[i] = 0
+            if input_grad:
+                dx[s:e] = 0
+                if sums:
+                    lo, hi = s * per_in, e * per_in
+                    batchnorm_grad_sums(
+                        dx2[lo:hi],
+                        bn_x[lo:hi],
+                        bn_mean,
+                        bn_inv_std,
+                        bn_gamma,
+                        bn_beta,
+                        bn_relu,
+                        per_in,
+                        sb[s:e],
+                        sg[s:e],
+                    )
+            continue
+        if route == 1:
+            maxpool2x2s2_backward(dp[s:e], arg[s:e], dy[s:e])
+        elif route == 2:
+            dy[s:e] = 0
+            maxpool2d_backward(dp[s:e], arg[s:e], pw, pool_stride, dy[s:e])
+        if relu:
+            lo, hi = s * per * k_out, e * per * k_out
+            relu_backward(dyf[lo:hi], yf[lo:hi], dymf[lo:hi])
+        if has_bias:
+            dyp = src2[s * per : e * per]
+            _gemm(
+                gemm,
+                1,
+                k_out,
+                rows,
+                ones[:rows].reshape((1, rows)),
+                dyp,
+                db_parts[i : i + 1],
+                False,
+                False,
+                0.0,
+            )
+        winograd_input(x, s, e, pt, pl, th, tw, v, xp)
+        winograd_output_grad(src, s, e, th, tw, m, gp)
+        for k in range(16):
+            _gemm(
+                gemm, cin, k_out, tiles, v[k, :tiles], m[k, :tiles], du_piece[k], True, False, 0.0
+            )
+        duf, dsf = du_piece.reshape(-1), du_sum.reshape(-1)
+        for j in range(len(dsf)):
+            dsf[j] += duf[j]
+        if input_grad:
+            tiles2 = (e - s) * hh * hw
+            winograd_input(src, s, e, 2 - pt, 2 - pl, hh, hw, v2, xp2)
+            for k in range(16):
+                _gemm(
+                    gemm,
+                    tiles2,
+                    cin,
+                    k_out,
+                    v2[k, :tiles2],
+                    u[k],
+                    m2[k, :tiles2],
+                    False,
+                    False,
+                    0.0,
+                )
+            winograd_output(m2, s, e, hh, hw, zero_bias, False, dx)
+            if sums:
+                lo, hi = s * per_in, e * per_in
+                batchnorm_grad_sums(
+                    dx2[lo:hi],
+                    bn_x[lo:hi],
+                    bn_mean,
+                    bn_inv_std,
+                    bn_gamma,
+                    bn_beta,
+                    bn_relu,
+                    per_in,
+                    sb[s:e],
+                    sg[s:e],
+                )

@@ -760,9 +760,12 @@ def _winograd_weight_grad(du: np.ndarray) -> np.ndarray:
     return dw
 
 
-def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
-    """The Winograd path's :func:`conv2d_backward`, ``fill`` and ``after`` as in
-    :func:`_im2col_backward`; piece by piece, as the forward pass.
+def _winograd_backward(dy, cache, input_grad, fill=None, after=None, route=None):
+    """The Winograd path's :func:`conv2d_backward`, ``fill``, ``after`` and ``route`` as in
+    :func:`_im2col_backward`; piece by piece, as the forward pass. Where oneMKL computes the
+    products (float32), each thread's pieces run in one compiled call
+    (``_kernels.winograd_conv_backward_pieces``), the pooling's routing and the batch norm's
+    gradient sums (an ``after`` of :func:`batchnorm_grad_sums_taker`) inside.
 
     The kernels' gradient in the transformed space: with V = Bᵀ d B (computed again) and the
     output gradient's transform dM = A dY Aᵀ, ``dU = Vᵀ·dM`` (16 products per piece, summed
@@ -774,7 +777,7 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
     x, w, has_bias, _, pads, _, y = cache
     (pt, pb), (pl, pr) = pads
     if max(pt, pb, pl, pr) > 2:
-        return _im2col_backward(dy, cache, input_grad, fill, after)
+        return _im2col_backward(dy, cache, input_grad, fill, after, route)
     n, h, wd, cin = x.shape
     cout = w.shape[3]
     relu = y is not None
@@ -796,6 +799,60 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
     ones = np.ones(step * per, dtype=x.dtype)
     kern = _k()
     yf = y.reshape(-1) if relu else None
+    native = getattr(after, "native", None)
+    compiled = (after is None or native is not None) and (fill is None or route is not None)
+    gemm = _blas.gemm_address(x.dtype) if compiled else None
+
+    def compiled_loop(t, v, m, xp, gp, du_piece, v2, m2, xp2):
+        dp, arg, ph, pw, pool_stride = route if route is not None else (dy, _NO_ARG, 0, 0, 1)
+        kind = 0 if route is None else 1 if (ph, pw, pool_stride) == (2, 2, 2) else 2
+        if native is None:  # placeholders of the same types
+            none2 = np.empty((0, 0), x.dtype)
+            none1 = np.empty(0, x.dtype)
+            sums = (none2, none1, none1, none1, none1, False, np.empty((0, 0)), np.empty((0, 0)))
+        else:
+            sums = native
+        kern.winograd_conv_backward_pieces(
+            gemm,
+            x,
+            dy,
+            y if relu else dy,
+            relu,
+            dym4,
+            np.asarray(list(reversed(range(t, len(starts), parts))), np.int64),
+            np.asarray(starts, np.int64),
+            step,
+            pt,
+            pl,
+            th,
+            tw,
+            has_bias,
+            ones,
+            db_parts,
+            v,
+            m,
+            xp,
+            gp,
+            du_piece,
+            du_threads[t],
+            input_grad,
+            hh,
+            hw,
+            u,
+            v2,
+            m2,
+            xp2,
+            zero_bias,
+            dx if input_grad else x,
+            kind,
+            dp,
+            arg,
+            ph,
+            pw,
+            pool_stride,
+            native is not None,
+            *sums,
+        )
 
     def work(t):
         v = _workspace("wino_v", (16, step * th * tw, cin), x.dtype)
@@ -807,6 +864,10 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None):
             v2 = _workspace("wino_v2", (16, step * hh * hw, cout), x.dtype)
             m2 = _workspace("wino_m2", (16, step * hh * hw, cin), x.dtype)
             xp2 = _workspace("wino_xp2", (2 * hh + 2, 2, hw + 1, cout), x.dtype)
+        if gemm is not None:
+            if not input_grad:
+                v2, m2, xp2 = v, m, xp
+            return compiled_loop(t, v, m, xp, gp, du_piece, v2, m2, xp2)
         for i in reversed(range(t, len(starts), parts)):
             s = starts[i]
             e = min(n, s + step)
@@ -1198,7 +1259,9 @@ def conv2d_maxpool_backward(dp, conv_cache, pool_cache, input_grad: bool = True)
         route = (dp, arg, ph, pw, stride)
         return _im2col_backward(dy, conv_cache, input_grad, fill=pool, route=route)
     if conv_cache[5] is not None:  # Winograd: each piece's gradient routed first
-        return _PIECES_BACKWARD[conv_cache[5]](dy, conv_cache, input_grad, fill=pool)
+        _, arg, (ph, pw), stride = pool_cache
+        route = (dp, arg, ph, pw, stride)
+        return _PIECES_BACKWARD[conv_cache[5]](dy, conv_cache, input_grad, fill=pool, route=route)
     conv, finish, ns = _direct_backward(dy, conv_cache, input_grad)
 
     def body(s, e):
@@ -1634,6 +1697,9 @@ def batchnorm_grad_sums_taker(cache: tuple):
         d = dy.reshape(-1, c)[lo:hi]
         kern(d, x2[lo:hi], mean, inv_std, g, bt, relu, per, sb[s:e], sg[s:e])
 
+    # what a compiled loop needs to take the same sums itself (_winograd_backward's)
+    dt = x2.dtype
+    take.native = (x2, *(a.astype(dt, copy=False) for a in (mean, inv_std, g, bt)), relu, sb, sg)
     return (sb, sg), take
 
 
