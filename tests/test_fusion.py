@@ -373,6 +373,63 @@ def test_convolutions_take_the_batch_norm_statistics_and_gradient_sums_with_the_
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize(
+    "path,loop", [("winograd", "compiled"), ("winograd", "python"), ("im2col", "python")]
+)
+def test_batch_norm_input_gradient_is_written_piece_by_piece_with_the_same_bits(
+    monkeypatch, threads, path, loop
+):
+    """Batch norm after a convolution hands its input gradient to the convolution's backward
+    pass as ``ops.PendingGradient`` (coefficients known, nothing written); the Winograd path
+    writes each piece of it right before using it, the other paths write it whole first.
+    Either way: the very dx, gradients and running statistics of the model run without."""
+    from classic_cnn import model as model_module
+
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    monkeypatch.setattr(ops, "WINOGRAD", path == "winograd")
+    monkeypatch.setattr(ops, "WINOGRAD_PIECE_BYTES", 1 << 12)  # several pieces per thread
+    if loop == "python":
+        monkeypatch.setattr(ops._blas, "gemm_address", lambda dtype: None)
+    elif ops._blas.gemm_address(np.float32) is None:
+        pytest.skip("oneMKL does not compute the products here")
+    received, pended = [], []
+    real_backward, kernel = ops.conv2d_backward, ops._k().winograd_conv_backward_pieces
+    monkeypatch.setattr(
+        ops,
+        "conv2d_backward",
+        lambda dy, *a, **k: received.append(type(dy).__name__) or real_backward(dy, *a, **k),
+    )
+    monkeypatch.setattr(
+        ops._k(), "winograd_conv_backward_pieces", lambda *a: pended.append(a[-11]) or kernel(*a)
+    )
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(7, 9, 10, 2)).astype(np.float32)
+    y = rng.integers(0, 3, size=7)
+    loss = CrossEntropyLoss()
+
+    def run():
+        model = _conv_bn_chain()
+        with ops.engine_threads(threads):
+            loss.forward(model.forward(x, True), y)
+            d = model.backward(loss.backward())
+        return d, model
+
+    d, model = run()
+    assert received == ["PendingGradient"] * 3  # the three convolutions, each before a BN
+    assert pended == ([True] * threads if loop == "compiled" else [])
+    monkeypatch.setattr(model_module, "_bare_conv", lambda steps, i: False)
+    received.clear()
+    d_whole, whole = run()
+    assert received == ["ndarray"] * 3
+    np.testing.assert_array_equal(d, d_whole)
+    for name, g in whole.gradients().items():
+        np.testing.assert_array_equal(model.gradients()[name], g, err_msg=name)
+    for la, lb in zip(whole.layers, model.layers, strict=True):
+        for name, buf in la.buffers.items():
+            np.testing.assert_array_equal(lb.buffers[name], buf, err_msg=name)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("chunk_bytes", [1 << 20, 1])
 @pytest.mark.parametrize(
     "path,cin,kernel", [("direct", 2, 3), ("winograd", 16, 3), ("im2col", 6, 5)]

@@ -1277,6 +1277,17 @@ def winograd_conv_backward_pieces(
     bn_relu,
     sb,
     sg,
+    pend,
+    p_dy,
+    p_x,
+    p_mean,
+    p_inv_std,
+    p_gamma,
+    p_beta,
+    p_relu,
+    p_scale,
+    p_shift,
+    p_slope,
 ):
     """The Winograd path's backward pass over this thread's pieces ``mine`` (indices into
     ``starts``, in the order taken), the same steps as ``ops._winograd_backward``'s loop in
@@ -1288,11 +1299,14 @@ def winograd_conv_backward_pieces(
     added to du_sum; with ``input_grad``, dx as the forward convolution of dy (padded by 2 −
     p) with the turned kernels' transforms u; with ``sums``, then the gradient sums of the
     batch norm before (``batchnorm_grad_sums`` of images s..e of dx, its cache's x, mean,
-    inv_std, gamma, beta and ReLU) into sb and sg, while dx is in the cache."""
+    inv_std, gamma, beta and ReLU) into sb and sg, while dx is in the cache. With ``pend``,
+    each piece of dy is first written as the batch norm after the convolution computes its
+    input gradient (``batchnorm_dx`` of p_dy, p_x and the coefficients: ``ops.PendingGradient``)."""
     n, oh, ow, k_out = dy.shape
     cin = x.shape[3]
     per, per_in = oh * ow, x.shape[1] * x.shape[2]
     dyf, yf, dymf = dy.reshape(-1), y.reshape(-1), dym.reshape(-1)
+    dy2 = dy.reshape((n * per, k_out))
     src = dym if relu else dy
     src2 = src.reshape((n * per, k_out))
     dx2 = dx.reshape((dx.shape[0] * per_in, dx.shape[3]))
@@ -1320,6 +1334,21 @@ def winograd_conv_backward_pieces(
                         sg[s:e],
                     )
             continue
+        if pend:
+            lo, hi = s * per, e * per
+            batchnorm_dx(
+                p_dy[lo:hi],
+                p_x[lo:hi],
+                p_mean,
+                p_inv_std,
+                p_gamma,
+                p_beta,
+                p_relu,
+                p_scale,
+                p_shift,
+                p_slope,
+                dy2[lo:hi],
+            )
         if route == 1:
             maxpool2x2s2_backward(dp[s:e], arg[s:e], dy[s:e])
         elif route == 2:

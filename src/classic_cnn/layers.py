@@ -552,16 +552,17 @@ class BatchNorm(Layer):
         y, self._cache = ops.batchnorm_forward(*args, **extra)
         return y
 
-    def backward(self, dy, pool=None, sums=None):
+    def backward(self, dy, pool=None, sums=None, defer=False):
         """``pool``: the pooling layer run in the same forward step; dy is then the gradient
         of its output. ``sums``: dy's sums, taken by the convolution's backward pass that
-        wrote dy (see ``ops.batchnorm_grad_sums_taker``)."""
+        wrote dy (see ``ops.batchnorm_grad_sums_taker``). ``defer``: return dx as an
+        ``ops.PendingGradient``, for the convolution before to write piece by piece."""
         if pool is not None:
             dx, dgamma, dbeta = ops.batchnorm_maxpool_backward(
-                dy, self._need_cache(), pool._need_cache()
+                dy, self._need_cache(), pool._need_cache(), defer
             )
         else:
-            dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._need_cache(), sums)
+            dx, dgamma, dbeta = ops.batchnorm_backward(dy, self._need_cache(), sums, defer)
         self.grads["gamma"], self.grads["beta"] = dgamma, dbeta
         return dx
 

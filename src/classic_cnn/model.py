@@ -88,6 +88,12 @@ def _conv_then_batch_norm(steps, i: int) -> bool:
     )
 
 
+def _bare_conv(steps, i: int) -> bool:
+    """Whether step i is a convolution with nothing fused after it (its backward pass can
+    then take batch norm's input gradient as ``ops.PendingGradient``)."""
+    return i >= 0 and isinstance(steps[i][0], Conv2D) and not steps[i][1] and steps[i][2] is None
+
+
 def _batch_norm_then_conv(steps, i: int) -> bool:
     """Whether step i is a convolution on its own whose input came from a batch norm's step
     without pooling (the convolution's backward pass then takes batch norm's gradient sums,
@@ -269,6 +275,8 @@ class Sequential:
                     sums, extra["after"] = ops.batchnorm_grad_sums_taker(
                         steps[i - 1][0]._need_cache()
                     )
+                if isinstance(layer, BatchNorm) and _bare_conv(steps, i - 1):
+                    extra["defer"] = True  # its dx written piece by piece by the convolution
                 d = layer.backward(d, **extra)
         return d
 

@@ -776,12 +776,17 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None, route=None)
     forward loops. A side padded by more than 2: im2col's backward pass instead."""
     x, w, has_bias, _, pads, _, y = cache
     (pt, pb), (pl, pr) = pads
+    pending = dy if isinstance(dy, PendingGradient) else None
     if max(pt, pb, pl, pr) > 2:
+        dy = dy if pending is None else pending.materialize()
         return _im2col_backward(dy, cache, input_grad, fill, after, route)
     n, h, wd, cin = x.shape
     cout = w.shape[3]
     relu = y is not None
-    oh, ow = dy.shape[1], dy.shape[2]
+    oh, ow = pending.shape[1:3] if pending is not None else dy.shape[1:3]
+    if pending is not None:  # the batch norm's dx, each piece computed as it is taken
+        dy = np.empty(pending.shape, dtype=x.dtype)
+        fill = lambda s, e: pending.fill(dy.reshape(-1, cout), s * oh * ow, e * oh * ow)  # noqa: E731
     th, tw, step, starts, parts = _winograd_plan(x.shape, w, oh, ow, x.dtype)
     hh, hw = (h + 1) // 2, (wd + 1) // 2  # the input gradient's tiles
     per = oh * ow
@@ -800,18 +805,22 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None, route=None)
     kern = _k()
     yf = y.reshape(-1) if relu else None
     native = getattr(after, "native", None)
-    compiled = (after is None or native is not None) and (fill is None or route is not None)
+    ready = fill is None or route is not None or pending is not None
+    compiled = (after is None or native is not None) and ready
     gemm = _blas.gemm_address(x.dtype) if compiled else None
 
     def compiled_loop(t, v, m, xp, gp, du_piece, v2, m2, xp2):
         dp, arg, ph, pw, pool_stride = route if route is not None else (dy, _NO_ARG, 0, 0, 1)
         kind = 0 if route is None else 1 if (ph, pw, pool_stride) == (2, 2, 2) else 2
-        if native is None:  # placeholders of the same types
-            none2 = np.empty((0, 0), x.dtype)
-            none1 = np.empty(0, x.dtype)
+        none2, none1 = np.empty((0, 0), x.dtype), np.empty(0, x.dtype)  # placeholders
+        if native is None:
             sums = (none2, none1, none1, none1, none1, False, np.empty((0, 0)), np.empty((0, 0)))
         else:
             sums = native
+        if pending is None:
+            bn_dx = (none2, none2, *(none1,) * 4, False, *(none1,) * 3)
+        else:
+            bn_dx = (pending.dy2, pending.x2, *pending.args)
         kern.winograd_conv_backward_pieces(
             gemm,
             x,
@@ -852,6 +861,8 @@ def _winograd_backward(dy, cache, input_grad, fill=None, after=None, route=None)
             pool_stride,
             native is not None,
             *sums,
+            pending is not None,
+            *bn_dx,
         )
 
     def work(t):
@@ -973,6 +984,10 @@ def conv2d_backward(
     dx, right after (the gradient sums of the batch norm before, while dx is in the cache).
     """
     x, path = cache[0], cache[5]
+    if isinstance(dy, PendingGradient):  # the batch norm's dx, computed piece by piece
+        if path == "winograd":
+            return _winograd_backward(dy, cache, input_grad, after=after)
+        dy = dy.materialize()
     dy = np.ascontiguousarray(dy, dtype=x.dtype)
     if path is None:  # the direct path
         body, finish, ns = _direct_backward(dy, cache, input_grad, after)
@@ -1632,8 +1647,34 @@ def fold_batch_norm(
     return w_out.reshape(w.shape), b_out
 
 
-def batchnorm_backward(dy: np.ndarray, cache: tuple, sums=None):
-    """Returns ``(dx, dgamma, dbeta)``.
+class PendingGradient:
+    """Batch norm's input gradient not written yet: ``dx = scale·dy − shift − xhat·slope``
+    per channel (``batchnorm_dx``), its coefficients known. A convolution's backward pass
+    whose output the batch norm normalised (:func:`conv2d_backward`) computes each piece of
+    it right before using it, while it is in the cache, instead of reading a whole array
+    another pass wrote; anything else calls :meth:`materialize`, that pass."""
+
+    def __init__(self, dy2, x2, mean, inv_std, g, bt, relu, coef, shape):
+        self.dy2, self.x2, self.shape = dy2, x2, shape
+        self.args = (mean, inv_std, g, bt, relu, *coef)
+        self.dtype = x2.dtype
+
+    def __len__(self):
+        return self.shape[0]
+
+    def fill(self, out2: np.ndarray, lo: int, hi: int) -> None:
+        """Rows lo..hi of dx (as (M, C)) into out2's rows lo..hi."""
+        _k().batchnorm_dx(self.dy2[lo:hi], self.x2[lo:hi], *self.args, out2[lo:hi])
+
+    def materialize(self) -> np.ndarray:
+        dx = np.empty(self.shape, dtype=self.dtype)
+        dx2 = dx.reshape(-1, self.shape[-1])
+        _split(len(dx2), dx2.size, lambda s, e: self.fill(dx2, s, e))
+        return dx
+
+
+def batchnorm_backward(dy: np.ndarray, cache: tuple, sums=None, defer: bool = False):
+    """Returns ``(dx, dgamma, dbeta)``; with ``defer``, dx as a :class:`PendingGradient`.
 
     In training the batch statistics depend on every input, which gives the compact form
     ``dx = inv_std · (dxhat − mean(dxhat) − xhat · mean(dxhat · xhat))`` with ``dxhat = dy ·
@@ -1669,14 +1710,8 @@ def batchnorm_backward(dy: np.ndarray, cache: tuple, sums=None):
             ),
         )
     dgamma, dbeta, coef = _bn_grad_coefficients(sb, sg, gamma, inv_std, training, len(dy2), dt)
-    dx = np.empty(shape, dtype=dt)
-    dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
-    _split(
-        len(dy2),
-        dy2.size,
-        lambda s, e: kern(dy2[s:e], x2[s:e], mean, inv_std, g, bt, relu, *coef, dx2[s:e]),
-    )
-    return dx, dgamma, dbeta
+    pending = PendingGradient(dy2, x2, mean, inv_std, g, bt, relu, coef, shape)
+    return (pending if defer else pending.materialize()), dgamma, dbeta
 
 
 def batchnorm_grad_sums_taker(cache: tuple):
@@ -1716,12 +1751,12 @@ def _bn_grad_coefficients(sb, sg, gamma, inv_std, training, m, dt):
     return dgamma, dbeta, (scale, shift, slope)
 
 
-def batchnorm_maxpool_backward(dp, bn_cache, pool_cache):
+def batchnorm_maxpool_backward(dp, bn_cache, pool_cache, defer: bool = False):
     """The gradients of :func:`batchnorm_maxpool_forward`: ``(dx, dgamma, dbeta)`` from the
-    pooled output's gradient ``dp``. Each thread routes one block of images' gradient back
-    through the pooling and sums it while it is in the cache; then, the sums known, dx is
-    written from it. (Routing it again instead of keeping it costs more than it saves:
-    routing is compute-bound, measured.)"""
+    pooled output's gradient ``dp`` (with ``defer``, dx as a :class:`PendingGradient`).
+    Each thread routes one block of images' gradient back through the pooling and sums it
+    while it is in the cache; then, the sums known, dx is written from it. (Routing it again
+    instead of keeping it costs more than it saves: routing is compute-bound, measured.)"""
     x2, mean, gamma, inv_std, training, shape, per, (g, bt) = bn_cache
     n, c = shape[0], shape[3]
     dt = x2.dtype
@@ -1741,14 +1776,8 @@ def batchnorm_maxpool_backward(dp, bn_cache, pool_cache):
 
     _split(-(-n // images), x2.size + dp.size, sum_blocks)
     dgamma, dbeta, coef = _bn_grad_coefficients(sb, sg, gamma, inv_std, training, len(x2), dt)
-    dx = np.empty(shape, dtype=dt)
-    dx2, kern = dx.reshape(-1, c), _k().batchnorm_dx
-    _split(
-        len(dy2),
-        dy2.size,
-        lambda s, e: kern(dy2[s:e], x2[s:e], mean, inv_std, g, bt, True, *coef, dx2[s:e]),
-    )
-    return dx, dgamma, dbeta
+    pending = PendingGradient(dy2, x2, mean, inv_std, g, bt, True, coef, shape)
+    return (pending if defer else pending.materialize()), dgamma, dbeta
 
 
 def normalise_uint8(images: np.ndarray, scale: np.ndarray, shift: np.ndarray, dtype) -> np.ndarray:
