@@ -1411,3 +1411,86 @@ def winograd_conv_backward_pieces(
                     sb[s:e],
                     sg[s:e],
                 )
+
+
+# --------------------------------------------------------------------------------------------
+# The second thread's handoff (ops._Handoff): flags in an int64 array, read and written with
+# sequentially consistent atomics, so that each side can wait for the other without the GIL
+# --------------------------------------------------------------------------------------------
+
+#: the handoff's slots: the task posted, the task done, the worker asleep (waiting on an Event)
+POSTED, DONE, SLEEPING = 0, 1, 2
+
+
+@intrinsic
+def _atomic_load(typingctx, arr, idx):
+    """``arr[idx]`` of an int64 array, as a sequentially consistent atomic load."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        from numba.core import cgutils
+
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        return builder.load_atomic(ptr, "seq_cst", 8)
+
+    return types.int64(arr, idx), codegen
+
+
+@intrinsic
+def _atomic_store(typingctx, arr, idx, val):
+    """``arr[idx] = val`` of an int64 array, as a sequentially consistent atomic store."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int64):
+        return None
+
+    def codegen(context, builder, sig, args):
+        from numba.core import cgutils
+
+        ary = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer(context, builder, sig.args[0], ary, [args[1]])
+        v = context.cast(builder, args[2], sig.args[2], types.int64)
+        builder.store_atomic(v, ptr, "seq_cst", 8)
+        return context.get_dummy_value()
+
+    return types.void(arr, idx, val), codegen
+
+
+@njit(cache=True, nogil=True)
+def handoff_post(ctl, task):
+    """The caller posts task number ``task``; returns whether the worker had gone to sleep
+    (then the caller must wake it: it may not see the post otherwise)."""
+    _atomic_store(ctl, POSTED, task)
+    return _atomic_load(ctl, SLEEPING) != 0
+
+
+@njit(cache=True, nogil=True)
+def handoff_wait_done(ctl, task, spins):
+    """The caller waits, spinning without the GIL, for task ``task`` to be done; False if
+    ``spins`` checks went by first (the caller then waits on an Event instead)."""
+    for _ in range(spins):
+        if _atomic_load(ctl, DONE) == task:
+            return True
+    return _atomic_load(ctl, DONE) == task
+
+
+@njit(cache=True, nogil=True)
+def handoff_next(ctl, seen, spins, done):
+    """The worker, without the GIL: with ``done``, says task ``seen`` is done; then waits,
+    spinning, for a task other than ``seen`` and returns its number. After ``spins`` checks
+    it marks itself asleep, looks once more (a post made meanwhile is seen by one side or the
+    other: both use sequentially consistent atomics), and returns 0 if there is none (it
+    then sleeps on an Event the caller sets)."""
+    _atomic_store(ctl, SLEEPING, 0)  # awake
+    if done:
+        _atomic_store(ctl, DONE, seen)
+    for _ in range(spins):
+        task = _atomic_load(ctl, POSTED)
+        if task != seen:
+            return task
+    _atomic_store(ctl, SLEEPING, 1)
+    task = _atomic_load(ctl, POSTED)
+    if task != seen:
+        _atomic_store(ctl, SLEEPING, 0)
+        return task
+    return 0
