@@ -81,3 +81,17 @@ def test_concurrent_callers_each_get_their_split_done():
     for t in threads:
         t.join(timeout=60)
     assert not errors and results == {0: True, 1: True, 2: True}
+
+
+def test_the_worker_leaves_its_compiled_wait_when_asked_and_a_new_one_starts():
+    """At exit the worker is stopped (it must not be running compiled code while the
+    interpreter tears it down); a stopped worker's place is taken by a new one."""
+    seen, work = _record()
+    ops._run(work, 2)
+    h = ops._HANDOFF[0]
+    h.stop()
+    assert not h.thread.is_alive()
+    seen.clear()
+    ops._run(work, 2)
+    assert sorted(t for t, _ in seen) == [0, 1]
+    assert ops._HANDOFF[0] is not h and ops._HANDOFF[0].thread.is_alive()

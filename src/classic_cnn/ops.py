@@ -16,6 +16,7 @@ Output size of a sliding window (convolution or pooling) along one axis::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import itertools
 import math
@@ -263,6 +264,8 @@ class _Handoff:
         kern, ctl, seen = _k(), self.ctl, 0
         task = kern.handoff_next(ctl, seen, HANDOFF_SPINS, False)
         while True:
+            if task < 0:  # the process is exiting: out of compiled code before it is torn down
+                return
             if task == 0:  # asleep until a caller sets the Event (or a timeout: look again)
                 self.task_event.wait(0.05)
                 self.task_event.clear()
@@ -298,16 +301,30 @@ class _Handoff:
             error, self.error = self.error, None
             raise error
 
+    def stop(self) -> None:
+        """Let the worker leave its compiled wait and end (at exit: it is not left running
+        compiled code while the interpreter and the compiled code are torn down)."""
+        _k().handoff_post(self.ctl, -1)
+        self.task_event.set()
+        self.thread.join(timeout=1.0)
+
 
 _HANDOFF: list = [None, 0]  # the process's _Handoff and the process it belongs to
 
 
+@atexit.register
+def _stop_handoff() -> None:
+    h, pid = _HANDOFF
+    if h is not None and pid == os.getpid():
+        h.stop()
+
+
 def _handoff() -> _Handoff | None:
-    """The process's :class:`_Handoff`, made on first use (again in a forked child), locked
-    for the caller; None when another thread holds it."""
+    """The process's :class:`_Handoff`, made on first use (again in a forked child, or
+    after it was stopped), locked for the caller; None when another thread holds it."""
     with _LOCK:
         h, pid = _HANDOFF
-        if h is None or pid != os.getpid():
+        if h is None or pid != os.getpid() or not h.thread.is_alive():
             h = _Handoff()
             _HANDOFF[:] = [h, os.getpid()]
     return h if h.lock.acquire(blocking=False) else None
