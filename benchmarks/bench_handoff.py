@@ -9,11 +9,11 @@ while the caller posts, runs its half and spins in compiled code until that flag
 The work is a compiled loop over ``size`` numbers (about 0.12 µs a number on a 2020s core:
 2000 numbers take about 240 µs, a LeNet-5 convolution's share of a training step); each
 figure is the median and the 90th percentile of ``--repeats`` calls, 0.2 ms apart, as a
-step's operations are. The compiled worker is the lead for the engine's thread handoffs
-(issue "speed round 2"): on the 2-core virtual machines it was measured on, a thread woken
+step's operations are. On the 2-core virtual machines it was measured on, a thread woken
 from a futex wait takes 50–100 µs, and the caller of a ``ThreadPoolExecutor`` pays that
-twice per handoff. The compiled worker spins while it waits, so it costs one core's time:
-this measures it, the engine does not use it.
+twice per handoff. The engine's two-way splits now wait the compiled worker's way on both
+sides (``ops._Handoff``), with the worker running its part's Python itself; this script
+measures the bare mechanism.
 """
 
 from __future__ import annotations

@@ -233,7 +233,7 @@ def engine_threads(n: int | None = None):
 
 
 #: checks of a flag a thread makes, spinning without the GIL, before it waits on an Event
-#: instead: about 1-3 ms (a training step's operations follow each other closer than that)
+#: instead: 0.6 ms (the worker) to 2.6 ms (the caller) on a Xeon (a step's operations follow closer)
 HANDOFF_SPINS = 2_000_000
 
 
