@@ -464,6 +464,40 @@ def test_inference_conv_relu_pool_through_scratch_gives_the_pooled_bits(
 
 
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("cin,size", [(1, (13, 12)), (1, (28, 28)), (2, (9, 14))])
+@pytest.mark.parametrize("pool,stride", [(2, 2), (2, 1), (3, 2), (3, 1)])
+@pytest.mark.parametrize("relu", [True, False])
+def test_direct_inference_pools_from_the_sums_with_the_very_bits(
+    monkeypatch, threads, cin, size, pool, stride, relu
+):
+    """On the direct path, prediction pools each window straight from the convolution's sums
+    (``_kernels.conv2d_s1_pooled``): the bits of ``keep=True`` (feature map, then pooling),
+    signed zeros and NaNs included, for the common 2×2 stride-2 windows and the rest."""
+    monkeypatch.setattr(ops, "PARALLEL_MIN_NS", 0)
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(5, *size, cin)).astype(np.float32)
+    x[0] = 0.0  # all products ±0: with a bias of -0.0, sums of -0.0 and +0.0 ...
+    x[0, 5, 5], x[0, 6, 8] = 1.0, 2.0  # ... next to negative sums, whose ReLU is +0.0
+    x[1, 3, 4, 0] = np.nan  # a NaN reaches 25 sums, in first and later places of windows
+    x[2, 5:, :, :] = -0.0
+    w = rng.normal(size=(5, 5, cin, 6)).astype(np.float32)
+    w[..., :3] = -np.abs(w[..., :3])
+    b = rng.normal(size=6).astype(np.float32)
+    b[[0, 4]] = -0.0
+    with ops.engine_threads(threads):
+        want = ops.conv2d_maxpool_forward(x, w, b, 1, "same", relu, (pool, pool), stride)[0]
+        called = []
+        real = ops._k().conv2d_s1_pooled
+        monkeypatch.setattr(ops._k(), "conv2d_s1_pooled", lambda *a: called.append(1) or real(*a))
+        got, none1, none2 = ops.conv2d_maxpool_forward(
+            x, w, b, 1, "same", relu, (pool, pool), stride, keep=False
+        )
+    assert called and (none1, none2) == (None, None)
+    assert np.isnan(want).any() and (np.signbit(want) & (want == 0)).any()
+    np.testing.assert_array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("pool", [None, (2, 2), (3, 2)])
 @pytest.mark.parametrize("keep", [True, False])

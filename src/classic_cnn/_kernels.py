@@ -55,11 +55,95 @@ def _pad_wide(x, n, pt, pl, wp, xp):
     """Image n of x (H, W, C) into xp (C, Hp·Wp), channels first, inside its zero border (the
     border of xp is never written, so it stays as the caller zeroed it)."""
     h, wd, c_in = x.shape[1], x.shape[2], x.shape[3]
+    if c_in == 1:  # a row is contiguous: a loop that vectorizes (measured 1.4 → 0.22 µs, 28×28)
+        for r in range(h):
+            src, dst = x[n, r, :, 0], xp[0, (r + pt) * wp + pl : (r + pt) * wp + pl + wd]
+            for col in range(wd):
+                dst[col] = src[col]
+        return
     for r in range(h):
         for col in range(wd):
             base = (r + pt) * wp + col + pl
             for c in range(c_in):
                 xp[c, base] = x[n, r, col, c]
+
+
+@njit(cache=True, nogil=True, fastmath=_CONTRACT)
+def _wide_accumulate(xp, wt, offs, b, k0, k1, span, acc):
+    """The sums of :func:`conv2d_s1_forward` for one image: ``acc[k - k0, t]`` = ``b[k]`` plus
+    every tap's product, over the wide rows ``t`` of the padded image ``xp`` (C, Hp·Wp)."""
+    c_in, nt = xp.shape[0], offs.shape[0]
+    for k in range(k0, k1):
+        acc[k - k0, :] = b[k]
+    for c in range(c_in):
+        src = xp[c]
+        q = 0
+        while q + 4 <= nt and nt - q != 5:
+            s0, s1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
+            s2, s3 = (
+                src[offs[q + 2] : offs[q + 2] + span],
+                src[offs[q + 3] : offs[q + 3] + span],
+            )
+            k = k0
+            while k + 3 <= k1:
+                w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                v0, v1 = wt[q, c, k + 1], wt[q + 1, c, k + 1]
+                v2, v3 = wt[q + 2, c, k + 1], wt[q + 3, c, k + 1]
+                u0, u1 = wt[q, c, k + 2], wt[q + 1, c, k + 2]
+                u2, u3 = wt[q + 2, c, k + 2], wt[q + 3, c, k + 2]
+                a, a2, a3 = acc[k - k0], acc[k + 1 - k0], acc[k + 2 - k0]
+                for t in range(span):
+                    p0, p1, p2, p3 = s0[t], s1[t], s2[t], s3[t]
+                    a[t] += w0 * p0 + w1 * p1 + w2 * p2 + w3 * p3
+                    a2[t] += v0 * p0 + v1 * p1 + v2 * p2 + v3 * p3
+                    a3[t] += u0 * p0 + u1 * p1 + u2 * p2 + u3 * p3
+                k += 3
+            while k < k1:
+                w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                a = acc[k - k0]
+                for t in range(span):
+                    a[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t]
+                k += 1
+            q += 4
+        if nt - q == 5:  # five taps left (5×5 and 3×3 kernels): one pass, not 4 + 1
+            s0, s1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
+            s2, s3 = (
+                src[offs[q + 2] : offs[q + 2] + span],
+                src[offs[q + 3] : offs[q + 3] + span],
+            )
+            s4 = src[offs[q + 4] : offs[q + 4] + span]
+            k = k0
+            while k + 3 <= k1:
+                w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                v0, v1 = wt[q, c, k + 1], wt[q + 1, c, k + 1]
+                v2, v3 = wt[q + 2, c, k + 1], wt[q + 3, c, k + 1]
+                u0, u1 = wt[q, c, k + 2], wt[q + 1, c, k + 2]
+                u2, u3 = wt[q + 2, c, k + 2], wt[q + 3, c, k + 2]
+                w4, v4, u4 = wt[q + 4, c, k], wt[q + 4, c, k + 1], wt[q + 4, c, k + 2]
+                a, a2, a3 = acc[k - k0], acc[k + 1 - k0], acc[k + 2 - k0]
+                for t in range(span):
+                    p0, p1, p2, p3, p4 = s0[t], s1[t], s2[t], s3[t], s4[t]
+                    a[t] += w0 * p0 + w1 * p1 + w2 * p2 + w3 * p3 + w4 * p4
+                    a2[t] += v0 * p0 + v1 * p1 + v2 * p2 + v3 * p3 + v4 * p4
+                    a3[t] += u0 * p0 + u1 * p1 + u2 * p2 + u3 * p3 + u4 * p4
+                k += 3
+            while k < k1:
+                w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
+                w4 = wt[q + 4, c, k]
+                a = acc[k - k0]
+                for t in range(span):
+                    a[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t] + w4 * s4[t]
+                k += 1
+            q += 5
+        while q < nt:  # the last taps, one at a time
+            # slice first: an index from range() alone lets the loop vectorize
+            s = src[offs[q] : offs[q] + span]
+            for k in range(k0, k1):
+                wv = wt[q, c, k]
+                a = acc[k - k0]
+                for t in range(span):
+                    a[t] += wv * s[t]
+            q += 1
 
 
 @njit(cache=True, nogil=True, fastmath=_CONTRACT)
@@ -97,77 +181,7 @@ def conv2d_s1_forward(x, w, b, pt, pb, pl, pr, y, k0, k1, relu):
     acc = np.empty((k1 - k0, span), dtype=x.dtype)
     for n in range(n_img):
         _pad_wide(x, n, pt, pl, wp, xp)
-        for k in range(k0, k1):
-            acc[k - k0, :] = b[k]
-        for c in range(c_in):
-            src = xp[c]
-            q = 0
-            while q + 4 <= nt and nt - q != 5:
-                s0, s1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
-                s2, s3 = (
-                    src[offs[q + 2] : offs[q + 2] + span],
-                    src[offs[q + 3] : offs[q + 3] + span],
-                )
-                k = k0
-                while k + 3 <= k1:
-                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
-                    v0, v1 = wt[q, c, k + 1], wt[q + 1, c, k + 1]
-                    v2, v3 = wt[q + 2, c, k + 1], wt[q + 3, c, k + 1]
-                    u0, u1 = wt[q, c, k + 2], wt[q + 1, c, k + 2]
-                    u2, u3 = wt[q + 2, c, k + 2], wt[q + 3, c, k + 2]
-                    a, a2, a3 = acc[k - k0], acc[k + 1 - k0], acc[k + 2 - k0]
-                    for t in range(span):
-                        p0, p1, p2, p3 = s0[t], s1[t], s2[t], s3[t]
-                        a[t] += w0 * p0 + w1 * p1 + w2 * p2 + w3 * p3
-                        a2[t] += v0 * p0 + v1 * p1 + v2 * p2 + v3 * p3
-                        a3[t] += u0 * p0 + u1 * p1 + u2 * p2 + u3 * p3
-                    k += 3
-                while k < k1:
-                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
-                    a = acc[k - k0]
-                    for t in range(span):
-                        a[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t]
-                    k += 1
-                q += 4
-            if nt - q == 5:  # five taps left (5×5 and 3×3 kernels): one pass, not 4 + 1
-                s0, s1 = src[offs[q] : offs[q] + span], src[offs[q + 1] : offs[q + 1] + span]
-                s2, s3 = (
-                    src[offs[q + 2] : offs[q + 2] + span],
-                    src[offs[q + 3] : offs[q + 3] + span],
-                )
-                s4 = src[offs[q + 4] : offs[q + 4] + span]
-                k = k0
-                while k + 3 <= k1:
-                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
-                    v0, v1 = wt[q, c, k + 1], wt[q + 1, c, k + 1]
-                    v2, v3 = wt[q + 2, c, k + 1], wt[q + 3, c, k + 1]
-                    u0, u1 = wt[q, c, k + 2], wt[q + 1, c, k + 2]
-                    u2, u3 = wt[q + 2, c, k + 2], wt[q + 3, c, k + 2]
-                    w4, v4, u4 = wt[q + 4, c, k], wt[q + 4, c, k + 1], wt[q + 4, c, k + 2]
-                    a, a2, a3 = acc[k - k0], acc[k + 1 - k0], acc[k + 2 - k0]
-                    for t in range(span):
-                        p0, p1, p2, p3, p4 = s0[t], s1[t], s2[t], s3[t], s4[t]
-                        a[t] += w0 * p0 + w1 * p1 + w2 * p2 + w3 * p3 + w4 * p4
-                        a2[t] += v0 * p0 + v1 * p1 + v2 * p2 + v3 * p3 + v4 * p4
-                        a3[t] += u0 * p0 + u1 * p1 + u2 * p2 + u3 * p3 + u4 * p4
-                    k += 3
-                while k < k1:
-                    w0, w1, w2, w3 = wt[q, c, k], wt[q + 1, c, k], wt[q + 2, c, k], wt[q + 3, c, k]
-                    w4 = wt[q + 4, c, k]
-                    a = acc[k - k0]
-                    for t in range(span):
-                        a[t] += w0 * s0[t] + w1 * s1[t] + w2 * s2[t] + w3 * s3[t] + w4 * s4[t]
-                    k += 1
-                q += 5
-            while q < nt:  # the last taps, one at a time
-                # slice first: an index from range() alone lets the loop vectorize
-                s = src[offs[q] : offs[q] + span]
-                for k in range(k0, k1):
-                    wv = wt[q, c, k]
-                    a = acc[k - k0]
-                    for t in range(span):
-                        a[t] += wv * s[t]
-                q += 1
+        _wide_accumulate(xp, wt, offs, b, k0, k1, span, acc)
         for i in range(oh):
             yr = y[n, i]
             for k in range(k0, k1):
@@ -421,6 +435,73 @@ def conv2d_s1_maxpool_forward(
             maxpool2x2_forward(dst, stride, y[a:c], arg[a:c])
         else:
             maxpool2d_forward(dst, ph, pw, stride, y[a:c], arg[a:c])
+
+
+@njit(cache=True, nogil=True)
+def conv2d_s1_pooled(x, w, b, pt, pb, pl, pr, relu, oh, ow, ph, pw, stride, y):
+    """:func:`conv2d_s1_forward` then max pooling (``ph × pw`` windows, any stride) into y, for
+    inference: each window's maximum is taken straight from the image's sums in the wide rows,
+    so that the convolution's output is never written (nor the winners, which only the backward
+    pass needs). The same numbers as the two steps apart: every value is the same fused sum,
+    the ReLU is applied to each before the comparisons, and the comparisons run in the same
+    order as :func:`maxpool2d_forward`'s (a NaN in a window's first place wins, elsewhere it
+    loses). Measured (LeNet-5's first convolution and pooling, batch 500, 1 thread, Xeon
+    AVX-512): 5.0 ms through the feature map, 3.4 ms this way."""
+    n_img, h, wd, c_in = x.shape
+    kh, kw, k_out = w.shape[0], w.shape[1], w.shape[3]
+    hp, wp = h + pt + pb, wd + pl + pr
+    span = (oh - 1) * wp + ow
+    zero = np.zeros(1, dtype=x.dtype)[0]
+    nt = kh * kw
+    offs = _tap_offsets(kh, kw, wp)
+    wt = w.reshape(nt, c_in, k_out)
+    xp = np.zeros((c_in, hp * wp), dtype=x.dtype)
+    poh, pow_ = y.shape[1], y.shape[2]
+    # the common case (2×2 windows at stride 2, ReLU): the windows starting at every column c
+    # of the even rows 2i, g[k, i·wp + c], in loops over c that vectorize (the comparisons
+    # of the odd columns and of the wide rows' extra columns are thrown away: twice the work,
+    # 2.6× faster than the windows alone, whose stride of 2 kept the loop scalar)
+    common = ph == 2 and pw == 2 and stride == 2 and relu
+    acc = np.zeros((k_out, max(span, 2 * poh * wp + 1)), dtype=x.dtype)
+    g = np.empty((k_out, poh * wp), dtype=x.dtype)
+    for n in range(n_img):
+        _pad_wide(x, n, pt, pl, wp, xp)
+        _wide_accumulate(xp, wt, offs, b, 0, k_out, span, acc)
+        if common:
+            for k in range(k_out):
+                for i in range(poh):
+                    a = acc[k, 2 * i * wp : 2 * i * wp + 2 * wp + 1]
+                    gk = g[k, i * wp : i * wp + wp]
+                    for c in range(wp):
+                        best, v1, v2, v3 = a[c], a[c + 1], a[c + wp], a[c + wp + 1]
+                        # the ReLU of the first only: once best ≥ +0 (or NaN), a negative
+                        # v never wins, as its ReLU (+0) would not: same result
+                        best = zero if best < zero else best
+                        best = v1 if v1 > best else best
+                        best = v2 if v2 > best else best
+                        gk[c] = v3 if v3 > best else best
+            for i in range(poh):
+                for j in range(pow_):
+                    yy, m = y[n, i, j], i * wp + 2 * j
+                    for k in range(k_out):
+                        yy[k] = g[k, m]
+            continue
+        for k in range(k_out):
+            a = acc[k]
+            for i in range(poh):
+                yr, r0 = y[n, i], i * stride * wp
+                for j in range(pow_):
+                    t = r0 + j * stride
+                    best = a[t]
+                    if relu:
+                        best = zero if best < zero else best
+                    for di in range(ph):
+                        for dj in range(pw):
+                            v = a[t + di * wp + dj]
+                            if relu:
+                                v = zero if v < zero else v
+                            best = v if v > best else best
+                    yr[j, k] = best
 
 
 @njit(cache=True, nogil=True)

@@ -1360,6 +1360,15 @@ def conv2d_maxpool_forward(x, w, b, stride, padding, relu, pool_size, pool_strid
     wc, kern = np.ascontiguousarray(w), _k().conv2d_s1_maxpool_forward
     _, arg, (ph, pw), _ = pool_cache
     relu = bool(relu)
+    if not keep:  # pooled straight from each image's sums; no feature map, no winners
+
+        def pooled_body(s, e):
+            _k().conv2d_s1_pooled(
+                x[s:e], wc, bias, pt, pb, pl, pr, relu, oh, ow, ph, pw, pool_stride, pooled[s:e]
+            )
+
+        _split(n, ns + pool_ns, pooled_body, 1.0)
+        return pooled, None, None
 
     def body(s, e):
         out = y[s:e] if keep else _workspace("conv_out", (min(chunk, e - s), oh, ow, cout), x.dtype)
