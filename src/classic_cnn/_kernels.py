@@ -549,6 +549,22 @@ def im2col(x, kh, kw, stride, pt, pl, oh, ow, cols):
     n_img, h, wd, c_in = x.shape
     run = kw * c_in
     flat = x.reshape(n_img, h, wd * c_in)
+    if pt == 0 and pl == 0 and (oh - 1) * stride + kh <= h and (ow - 1) * stride + kw <= wd:
+        # every patch inside x ("valid"): plain copies, no bounds to test (LeNet-5's second
+        # convolution, 17 images on 1 thread: 4.0 → 3.05 µs per image)
+        xf, cf = x.reshape(-1), cols.reshape(-1)
+        patch, line = kh * run, wd * c_in
+        for n in range(n_img):
+            for i in range(oh):
+                for j in range(ow):
+                    q = ((n * oh + i) * ow + j) * patch
+                    p = (n * h + i * stride) * line + j * stride * c_in
+                    for di in range(kh):
+                        src = xf[p + di * line : p + di * line + run]
+                        dst = cf[q + di * run : q + di * run + run]
+                        for t in range(run):
+                            dst[t] = src[t]
+        return
     for n in range(n_img):
         for i in range(oh):
             for j in range(ow):
